@@ -258,3 +258,25 @@ def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float
     centre = (share + z * z / (2 * trials)) / (1 + z * z / trials)
     half = z * ((share * (1 - share) + z * z / (4 * trials)) / trials) ** 0.5 / (1 + z * z / trials)
     return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@torch.no_grad()
+def sweep_forward(model: nn.Module, tokenizer, prompts: list[str], values: torch.Tensor, targets: torch.Tensor,
+                  alphas: list[float], site, batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Like :func:`sweep_head`, but with real forward passes and :func:`injected` hooks.
+
+    Needed where blocks lie after the injection site (an int ``site``: after that block) (chapter 1).
+    """
+    log_p, argmax = [], []
+    for alpha in alphas:
+        alpha_log_p, alpha_argmax = [], []
+        for start in range(0, len(prompts), batch_size):
+            rows = slice(start, start + batch_size)
+            batch = encode_prompts(model, tokenizer, prompts[rows])
+            with injected(model, site, alpha * values[rows]):
+                log_probs = torch.log_softmax(model(**batch).logits[:, -1, :].float(), dim=-1)
+            alpha_log_p.append(log_probs.gather(1, targets[rows, None]).squeeze(1))
+            alpha_argmax.append(log_probs.argmax(dim=-1))
+        log_p.append(torch.cat(alpha_log_p))
+        argmax.append(torch.cat(alpha_argmax))
+    return {"log_p_target": torch.stack(log_p), "argmax": torch.stack(argmax)}

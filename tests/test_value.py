@@ -140,3 +140,13 @@ def test_wilson_interval_brackets_the_share():
     low, high = fv.wilson_interval(30, 40)
     assert low < 0.75 < high and 0 <= low and high <= 1
     assert fv.wilson_interval(0, 10)[0] == 0.0 and fv.wilson_interval(10, 10)[1] == 1.0
+
+
+def test_forward_sweep_agrees_with_cached_sweep(smollm2, smol_states):
+    model, tokenizer, _ = smollm2
+    states, _, targets, writes, _ = smol_states
+    values = fv.memory_value(model, states.head_input, targets)
+    cached = fv.sweep_head(model, states, values, targets, [2.0, 8.0], "post_norm")
+    forward = fv.sweep_forward(model, tokenizer, writes, values, targets, [2.0, 8.0], "post_norm", batch_size=3)
+    assert torch.allclose(cached["log_p_target"], forward["log_p_target"], atol=2e-3)
+    assert torch.equal(cached["argmax"], forward["argmax"])
