@@ -75,7 +75,8 @@ def execute(notebook: Path, output: Path, parameters: dict | None = None, param_
     import papermill
 
     parameters = dict(parameters or {})
-    parameters.setdefault("param_set", param_set)
+    if param_set != "default":
+        parameters.setdefault("param_set", param_set)
     output.parent.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(
         str(notebook), str(output), parameters=parameters, kernel_name="python3",
