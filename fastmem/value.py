@@ -57,9 +57,8 @@ def encode_prompts(model: nn.Module, tokenizer, prompts: list[str]) -> dict:
     return batch
 
 
-@torch.no_grad()
-def answer_states(model: nn.Module, tokenizer, prompts: list[str], batch_size: int = 64) -> AnswerStates:
-    """Residual, head input and logits at the answer position of each prompt, batched (chapter 1)."""
+def forward_with_answer_states(model: nn.Module, batch: dict, **kwargs):
+    """Run the model once and capture the residual and head input at the last position (chapters 1, 2)."""
     captured: dict[str, torch.Tensor] = {}
 
     def keep(key):
@@ -67,24 +66,33 @@ def answer_states(model: nn.Module, tokenizer, prompts: list[str], batch_size: i
             captured[key] = args[0][:, -1, :].detach().clone()
         return hook
 
-    parts = {"residual": [], "head_input": [], "logits": []}
     handles = [
         final_norm(model).register_forward_pre_hook(keep("residual")),
         model.get_output_embeddings().register_forward_pre_hook(keep("head_input")),
     ]
+    if not model.config.is_encoder_decoder:
+        kwargs.setdefault("logits_to_keep", 1)
     try:
-        for start in range(0, len(prompts), batch_size):
-            batch = encode_prompts(model, tokenizer, prompts[start:start + batch_size])
-            if not model.config.is_encoder_decoder:
-                batch["logits_to_keep"] = 1
-            logits = model(**batch).logits[:, -1, :]
-            parts["residual"].append(captured["residual"])
-            parts["head_input"].append(captured["head_input"])
-            parts["logits"].append(logits)
+        out = model(**batch, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
-    return AnswerStates(**{k: torch.cat(v) for k, v in parts.items()})
+    return out, AnswerStates(captured["residual"], captured["head_input"], out.logits[:, -1, :])
+
+
+def concat_states(parts: list[AnswerStates]) -> AnswerStates:
+    """Join answer states of consecutive batches (chapters 1 and 2)."""
+    return AnswerStates(*(torch.cat([getattr(p, f) for p in parts]) for f in ("residual", "head_input", "logits")))
+
+
+@torch.no_grad()
+def answer_states(model: nn.Module, tokenizer, prompts: list[str], batch_size: int = 64) -> AnswerStates:
+    """Residual, head input and logits at the answer position of each prompt, batched (chapter 1)."""
+    parts = []
+    for start in range(0, len(prompts), batch_size):
+        batch = encode_prompts(model, tokenizer, prompts[start:start + batch_size])
+        parts.append(forward_with_answer_states(model, batch)[1])
+    return concat_states(parts)
 
 
 def head_logits(model: nn.Module, head_input: torch.Tensor) -> torch.Tensor:

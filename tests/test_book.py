@@ -7,7 +7,7 @@ import sys
 import nbformat
 import pytest
 
-from fastmem.book import ROOT, chapter_notebooks, glued_values, read_parameters
+from fastmem.book import ROOT, chapter_notebooks, glued_values, parameter_file, read_parameters
 from fastmem.errors import ParameterError
 
 from conftest import executed_ci_notebook
@@ -73,6 +73,17 @@ def test_bad_parameters_end_with_one_clear_line(tmp_path, monkeypatch, params, e
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error in")]
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("notebook", [nb for nb in chapter_notebooks() if parameter_file(nb, "paper")], ids=lambda p: p.name)
+def test_paper_parameters_stop_at_the_clear_offline_error(tmp_path, monkeypatch, notebook):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model_name = read_parameters(parameter_file(notebook, "paper"))["model_name"]
+    result = subprocess.run([sys.executable, "-m", "fastmem.book", str(notebook), "--params", "paper", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error in")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-2000:]
+    assert "HubUnreachableError" in errors[0] and model_name.split("-")[0] in errors[0].lower()
 
 
 def test_missing_parameter_file_and_notebook_are_clear(tmp_path):

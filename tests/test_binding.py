@@ -1,0 +1,164 @@
+import pytest
+import torch
+
+from fastmem import binding as fb
+from fastmem import tasks
+from fastmem import value as fv
+from fastmem.book import glued_values
+from fastmem.errors import ParameterError
+from fastmem.evaluation import first_word
+
+from conftest import executed_ci_notebook
+
+LAYER = 20
+
+
+@pytest.fixture(scope="module")
+def written(smollm2):
+    model, tokenizer, _ = smollm2
+    labels = tasks.single_token_labels(tokenizer)
+    bindings = tasks.make_bindings(tasks.nonce_words(3, 5), tasks.CONTEXTS["train"], labels, 5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    states = fb.encode_bindings(model, tokenizer, bindings, [LAYER])
+    memory = fb.write_memory(model, tokenizer, states["write"], bindings, LAYER)
+    return bindings, states, memory, before
+
+
+def test_writes_and_reads_leave_the_frozen_weights_unchanged(smollm2, written):
+    model, tokenizer, _ = smollm2
+    bindings, states, memory, before = written
+    values, _ = fb.select_values(memory, "raw_both_top1", states["read"], LAYER)
+    fb.generate(model, tokenizer, states["read"], values)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_empty_memory_leaves_generation_bit_identical(smollm2, written):
+    model, tokenizer, _ = smollm2
+    bindings, states, memory, _ = written
+    plain = fb.generate(model, tokenizer, states["read"], None, max_new_tokens=5)
+    values, index = fb.select_values(fb.BindingMemory.empty(memory.values.shape[1]), "raw_both_top1", states["read"], LAYER)
+    assert (index == -1).all() and torch.equal(values, torch.zeros_like(values))
+    assert fb.generate(model, tokenizer, states["read"], values, max_new_tokens=5) == plain
+    prompt = tasks.read_prompt(bindings[0])
+    batch = {k: v for k, v in fv.encode_prompts(model, tokenizer, [prompt]).items() if k != "position_ids"}
+    reference = model.generate(**batch, max_new_tokens=5, do_sample=False)
+    with fb.attached(model, fb.BindingMemory.empty(memory.values.shape[1]), None, LAYER, 0):
+        assert torch.equal(model.generate(**batch, max_new_tokens=5, do_sample=False), reference)
+
+
+def test_memory_served_in_the_forward_pass_matches_the_cached_path(smollm2, written):
+    model, tokenizer, _ = smollm2
+    bindings, states, memory, _ = written
+    values, _ = fb.select_values(memory, "raw_both_top1", states["read"], LAYER)
+    cached = fb.generate(model, tokenizer, states["read"], values, max_new_tokens=3)
+    for row in (0, 3):
+        prompt = tasks.read_prompt(bindings[row])
+        batch = {k: v for k, v in fv.encode_prompts(model, tokenizer, [prompt]).items() if k != "position_ids"}
+        key_position = len(tokenizer.encode(fb.key_prefix(prompt, bindings[row].word))) - 1
+        with fb.attached(model, memory, None, LAYER, key_position):
+            out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        assert tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True) == cached[row]
+
+
+def test_written_value_recalls_its_own_statement(smollm2, written):
+    model, tokenizer, _ = smollm2
+    bindings, states, memory, _ = written
+    values, index = fb.select_values(memory, "raw_both_top1", states["write"], LAYER)
+    assert torch.equal(index, torch.arange(len(bindings)))
+    hits = fb.exact_match(fb.generate(model, tokenizer, states["write"], values), [b.label for b in bindings])
+    assert hits.mean() >= 0.8
+    assert fb.exact_match(fb.generate(model, tokenizer, states["write"], None), [b.label for b in bindings]).mean() <= 0.2
+
+
+def test_retrieval_returns_the_exact_nearest_key():
+    generator = torch.Generator().manual_seed(0)
+    keys, queries = torch.randn(500, 32, generator=generator), torch.randn(40, 32, generator=generator)
+    index, best = fb.retrieve(queries, keys)
+    cosine = torch.stack([torch.nn.functional.cosine_similarity(q[None], keys) for q in queries])
+    assert torch.equal(index, cosine.argmax(dim=1))
+    assert torch.allclose(best, cosine.max(dim=1).values, atol=1e-6)
+    allowed = torch.zeros(40, 500, dtype=torch.bool)
+    allowed[:, 250:] = True
+    assert (fb.retrieve(queries, keys, allowed)[0] >= 250).all()
+
+
+def test_threshold_injects_nothing_for_a_query_that_matches_nothing(written):
+    _, states, memory, _ = written
+    values, index = fb.select_values(memory, "raw_both_top1", states["read"], LAYER, threshold=1.01)
+    assert (index == -1).all() and torch.equal(values, torch.zeros_like(values))
+    values, index = fb.select_values(memory, "raw_both_top1", states["read"], LAYER, threshold=-1.0)
+    assert (index >= 0).all()
+
+
+def test_context_gate_only_retrieves_the_query_context(written):
+    bindings, states, memory, _ = written
+    contexts = ["game B"] * len(bindings)
+    projector = fb.train_projector(states["read"].keys["symbol"][LAYER], states["write"].keys["symbol"][LAYER], 16, 5)
+    _, index = fb.select_values(memory, "context_gate", states["read"], LAYER, projector, contexts)
+    assert all(memory.bindings[i].context == "game B" for i in index.tolist())
+    with pytest.raises(ParameterError, match="oracle"):
+        fb.select_values(memory, "context_gate", states["read"], LAYER, projector)
+    with pytest.raises(ParameterError, match="unknown memory mode"):
+        fb.select_values(memory, "top5", states["read"], LAYER, projector)
+
+
+def test_projector_learns_to_separate_training_bindings():
+    generator = torch.Generator().manual_seed(1)
+    base = torch.randn(30, 64, generator=generator)
+    stored, queries = base + 0.3 * torch.randn(30, 64, generator=generator), base + 0.3 * torch.randn(30, 64, generator=generator)
+    projector = fb.train_projector(queries, stored, key_dim=16, steps=200, seed=0)
+    index, _ = fb.retrieve(projector(queries), projector(stored))
+    assert (index == torch.arange(30)).float().mean() >= 0.9
+
+
+def test_public_functions_accept_custom_contexts_and_templates(tiny_neox):
+    model, tokenizer, _ = tiny_neox
+    templates = tasks.Templates(write="On planet {context} the word {word} stands for {label}",
+                                read="Q: on planet {context}, {word} stands for what? A:",
+                                plain="Q: {word} stands for what? A:", unrelated=("Q: what is up? A:",))
+    bindings = tasks.make_bindings(["zorp", "quib"], ("Mars", "Venus"), ("red", "blue", "green"), seed=0)
+    states = fb.encode_bindings(model, tokenizer, bindings, [1], templates)
+    assert tasks.write_prompt(bindings[0], templates) == f"On planet Mars the word zorp stands for"
+    memory = fb.write_memory(model, tokenizer, states["write"], bindings, 1, "single_step")
+    projector = fb.train_projector(states["read"].keys["symbol"][1], states["write"].keys["symbol"][1], 8, 3)
+    unrelated = fb.encode_unrelated(model, tokenizer, list(templates.unrelated), [1])
+    scores = fb.score_columns(model, tokenizer, memory, "both_top1", states, unrelated, bindings, 1, projector)
+    assert set(scores) == {"write", "read", "plain", "unrelated", "unrelated_changed", "write_token", "read_token"}
+    assert all(len(v) == (len(bindings) if k not in ("unrelated", "unrelated_changed") else 1) for k, v in scores.items())
+    assert fb.in_context_prompts(bindings[:1], bindings, templates)[0].startswith("On planet Mars the word zorp stands for")
+
+
+def test_first_word_strips_whitespace_and_punctuation():
+    assert first_word("\n Red.") == "red"
+    assert first_word("wolf-like") == "wolf"
+    assert first_word("cowboy") == "cowboy"
+    assert first_word("\n\n") == ""
+
+
+def test_chapter_2_on_ci_parameters():
+    values = glued_values(executed_ci_notebook("02_binding.ipynb"))
+    names = ["binding_write_both_top1", "binding_read_both_top1", "binding_plain_both_top1", "binding_unrelated_both_top1",
+             "binding_read_context_gate", "binding_read_raw_both_top1", "binding_read_average", "binding_read_dual_key",
+             "binding_read_no_memory", "binding_read_in_context", "binding_read_new_cd_both_top1",
+             "binding_read_north_south_both_top1"]
+    for name in names:
+        assert 0.0 <= values[name] <= 1.0, name
+    assert values["binding_read_context_gate"] >= values["binding_read_both_top1"] - 0.05
+    assert values["binding_read_both_top1"] >= values["binding_read_no_memory"] + 0.3
+    assert values["binding_overhead_ratio_1k"] > 0
+    assert values["binding_write_token_both_top1"] >= 0.9
+    assert values["binding_write_token_both_top1"] >= values["binding_write_both_top1"]
+
+
+def test_chapter_2_runs_unmodified_on_the_paper_architecture(tmp_path):
+    """params/paper/02.yaml names Pythia-70M (hub only): its GPT-NeoX code path, on random weights."""
+    from fastmem.book import ROOT, execute, parameter_file, read_parameters
+
+    notebook = ROOT / "notebooks" / "02_binding.ipynb"
+    parameters = {**read_parameters(parameter_file(notebook, "ci")), "model_name": "tiny-gpt-neox", "key_layer": 1,
+                  "layer_sweep": [0, 1], "n_train_words": 6, "n_eval_words": 4, "capacity_sizes": [1, 8],
+                  "capacity_probe": 4, "overhead_entries": [100, 1000], "overhead_new_tokens": 2, "overhead_repeats": 1}
+    values = glued_values(execute(notebook, tmp_path / notebook.name, parameters, "tiny-paper-architecture"))
+    assert 0.0 <= values["binding_read_both_top1"] <= 1.0
+    assert values["binding_write_token_both_top1"] >= 0.9
