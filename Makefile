@@ -24,10 +24,11 @@ html: setup
 	$(BIN)/jupyter-book build . --warningiserror --nitpick --keep-going
 
 ## Unit tests, then every chapter with params/ci, re-executed and compared by nbval.
+## Two chapters (or test files) run at once, one thread each: on two cores this is about twice as fast.
 test: setup
 	rm -rf _build/ci
-	$(BIN)/python -m fastmem.book --params ci --out _build/ci
-	$(BIN)/python -m pytest tests _build/ci $(SANITIZE)
+	OMP_NUM_THREADS=1 $(BIN)/python -m fastmem.book --params ci --out _build/ci --jobs 2
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile tests _build/ci $(SANITIZE)
 
 ## Slow: re-execute the committed notebooks with their defaults and compare with their outputs.
 verify: setup

@@ -15,7 +15,7 @@ from pathlib import Path
 import nbformat
 import yaml
 
-from .errors import FastmemError, ParameterError
+from .errors import ParameterError
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -94,30 +94,51 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def _run_one(notebook: Path, params: str, out: str | None) -> str | None:
+    """Execute one chapter; None on success, else the one line that says what went wrong."""
+    try:
+        if not notebook.is_file():
+            raise ParameterError(f"notebook not found: {notebook}")
+        if params.endswith((".yaml", ".yml")):
+            parameters, param_set = read_parameters(params), Path(params).stem
+        else:
+            path = parameter_file(notebook, params)
+            parameters, param_set = (read_parameters(path) if path else {}), params
+        output = Path(out) / notebook.name if out else notebook
+        print(f"executing {notebook} with parameters '{param_set}' -> {output}", flush=True)
+        execute(notebook.resolve(), output.resolve(), parameters, param_set)
+    except Exception as error:  # noqa: BLE001 - every failure ends as one line naming the chapter
+        return f"error in {notebook}: {_one_line(error)}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastmem.book", description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="*", help="chapters to run (default: all)")
     parser.add_argument("--params", default="default",
                         help="'default' (the notebook's own values), a set under params/ (ci, paper) or a YAML file")
     parser.add_argument("--out", default=None, help="folder for executed copies (default: in place)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="chapters executed at once (each kernel should then use fewer threads: OMP_NUM_THREADS)")
     args = parser.parse_args(argv)
     notebooks = [Path(n) for n in args.notebooks] or chapter_notebooks()
-    for notebook in notebooks:
-        try:
-            if not notebook.is_file():
-                raise ParameterError(f"notebook not found: {notebook}")
-            if args.params.endswith((".yaml", ".yml")):
-                parameters, param_set = read_parameters(args.params), Path(args.params).stem
-            else:
-                path = parameter_file(notebook, args.params)
-                parameters, param_set = (read_parameters(path) if path else {}), args.params
-            output = Path(args.out) / notebook.name if args.out else notebook
-            print(f"executing {notebook} with parameters '{param_set}' -> {output}", flush=True)
-            execute(notebook.resolve(), output.resolve(), parameters, param_set)
-        except Exception as error:  # noqa: BLE001 - every failure ends as one line naming the chapter
-            print(f"error in {notebook}: {_one_line(error)}", file=sys.stderr)
-            return 1
-    return 0
+    if args.jobs < 1:
+        print(f"error: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
+        return 1
+    if args.jobs == 1:
+        for notebook in notebooks:
+            error = _run_one(notebook, args.params, args.out)
+            if error:
+                print(error, file=sys.stderr)
+                return 1
+        return 0
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        errors = [e for e in pool.map(lambda nb: _run_one(nb, args.params, args.out), notebooks) if e]
+    for error in errors:
+        print(error, file=sys.stderr)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
