@@ -1,0 +1,297 @@
+"""The inference-time attractor layer of seed 001 (chapter 3, "The layer").
+
+A frozen model gets a forward hook at one block: on the attention output (``site="attn"``, as the
+seed says) or on the block's output, the residual stream (``site="residual"``, a variant). The hook
+keeps a state of ``K`` attractor vectors ``A`` and strengths ``s`` per stream, which persists across
+forward passes (generation steps, windows, documents) until :meth:`AttractorLayer.reset`.
+
+At every forward pass ``t`` the hook does, in this order (chapter 3 states every coefficient):
+
+1. **Feedback.** If a feedback vector ``f`` was prepared at pass ``t-1`` and the burn-in is over,
+   add ``f`` to every position of the hooked activation.
+2. **Similarity.** Pool the hooked activation *before* the feedback (masked mean over positions)
+   into ``x`` and compute the cosine ``c_k = cos(A_k, x)``.
+3. **Update.** Attractor ``k`` is *activated* when ``c_k >= activation_threshold`` (and the most
+   similar attractor always is, when ``winner_always_activates``). Activated attractors are
+   strengthened, ``s_k <- min(s_max, s_k + gain * c_k * (1 - s_k / s_max))``, and pulled towards the
+   activation, ``A_k <- A_k + pull * (x - A_k)``; the rest decay, ``s_k <- (1 - decay) s_k``.
+4. **Next feedback.** ``f = feedback_strength * sum_k g_k s_k max(c_k, 0) A_k`` with the *updated*
+   state and this pass's similarity; ``g_k = 1`` without gating, ``g_k = [c_k >= gate_threshold]``
+   with gating. It is added at pass ``t+1``.
+
+Burn-in: no feedback while fewer than ``burn_in_passes`` passes have been seen, or while the largest
+strength of a stream is below ``burn_in_strength``. Attractors are initialised at the first pass:
+``init="tokens"`` (default) takes K distinct token activations of that pass at random (seeded),
+``init="random"`` random Gaussian directions scaled to the norm of the pooled activation.
+The model's weights are never modified; with ``feedback_strength = 0`` outputs are bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ParameterError
+from .models import transformer_blocks
+
+SITES = ("attn", "residual")
+INITS = ("tokens", "random")
+
+
+@dataclass(frozen=True)
+class AttractorConfig:
+    """Every coefficient of the attractor layer (chapter 3, table "Coefficients")."""
+
+    n_attractors: int = 8
+    layer: int = 15
+    site: str = "attn"
+    feedback_strength: float = 0.2
+    gain: float = 0.2
+    pull: float = 0.1
+    decay: float = 0.05
+    activation_threshold: float = 0.9
+    winner_always_activates: bool = True
+    s_max: float = 1.0
+    gate_threshold: float | None = None
+    burn_in_passes: int = 0
+    burn_in_strength: float = 0.0
+    init: str = "tokens"
+    seed: int = 0
+
+    def __post_init__(self):
+        check = _checker(type(self).__name__)
+        check(isinstance(self.n_attractors, int) and self.n_attractors >= 1, "n_attractors must be an integer >= 1")
+        check(isinstance(self.layer, int), "layer must be an integer (negative counts from the end)")
+        check(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
+        check(self.site in SITES, f"site must be one of {SITES}, got {self.site!r}")
+        for name in ("feedback_strength", "gain", "pull", "decay", "s_max", "burn_in_strength"):
+            value = getattr(self, name)
+            check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, got {value!r}")
+        check(self.pull <= 1 and self.decay <= 1, "pull and decay must lie in [0, 1]")
+        check(self.s_max > 0, "s_max must be > 0")
+        check(isinstance(self.activation_threshold, (int, float)) and math.isfinite(self.activation_threshold),
+              "activation_threshold must be a finite number (above 1: only the winner is activated)")
+        check(self.gate_threshold is None or -1 <= self.gate_threshold <= 1, "gate_threshold must be None or in [-1, 1]")
+        check(isinstance(self.burn_in_passes, int) and self.burn_in_passes >= 0, "burn_in_passes must be an integer >= 0")
+
+    def with_(self, **changes) -> "AttractorConfig":
+        """A copy with some coefficients changed (unknown names raise ParameterError) (chapter 3)."""
+        names = {f.name for f in fields(self)}
+        unknown = set(changes) - names
+        if unknown:
+            raise ParameterError(f"unknown attractor coefficient(s): {', '.join(sorted(unknown))}")
+        return replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _checker(owner: str):
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            raise ParameterError(f"{owner}: {message}")
+    return check
+
+
+class AttractorLayer:
+    """Attractor memory attached to a frozen model by a forward hook (chapter 3).
+
+    Use as a context manager (``with AttractorLayer(model, config): ...``) or with
+    :meth:`attach` / :meth:`detach`. :meth:`reset` clears the state; :meth:`save` / :meth:`load`
+    write and read it exactly. ``n_streams`` independent states can be kept, one per batch row
+    (``reset(n_streams=B)``); with one stream, a batch is pooled into that stream.
+    """
+
+    def __init__(self, model: nn.Module, config: AttractorConfig | None = None, **coefficients):
+        self.model = model
+        config = config or AttractorConfig()
+        self.config = config.with_(**coefficients) if coefficients else config
+        blocks = transformer_blocks(model)
+        n = len(blocks)
+        if not -n <= self.config.layer < n:
+            raise ParameterError(f"AttractorConfig: layer {self.config.layer} out of range for a {n}-block model")
+        self.block_index = self.config.layer % n
+        block = blocks[self.block_index]
+        if self.config.site == "attn":
+            self.module = next((getattr(block, a) for a in ("self_attn", "attention", "attn") if hasattr(block, a)), None)
+            if self.module is None:
+                raise ParameterError(f"block {self.block_index}: no attention module found")
+        else:
+            self.module = block
+        self._handles: list = []
+        self._mask: torch.Tensor | None = None
+        self.record: list[dict] | None = None  # set to [] to log one row of diagnostics per pass
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self, n_streams: int = 1) -> None:
+        """Forget everything: no attractors, zero strengths, no pending feedback, pass count 0 (chapter 3)."""
+        if n_streams < 1:
+            raise ParameterError("n_streams must be >= 1")
+        self.n_streams = n_streams
+        self.attractors: torch.Tensor | None = None  # (R, K, d)
+        self.strengths = torch.zeros(n_streams, self.config.n_attractors)
+        self.feedback: torch.Tensor | None = None  # (R, d)
+        self.similarity = torch.zeros(n_streams, self.config.n_attractors)
+        self.passes = 0
+        self.feedback_passes = 0
+
+    def state_dict(self) -> dict:
+        """The state as tensors (exact copy; chapter 3)."""
+        state = {
+            "strengths": self.strengths.clone(),
+            "similarity": self.similarity.clone(),
+            "passes": torch.tensor(self.passes),
+            "feedback_passes": torch.tensor(self.feedback_passes),
+            "n_streams": torch.tensor(self.n_streams),
+        }
+        if self.attractors is not None:
+            state["attractors"] = self.attractors.clone()
+        if self.feedback is not None:
+            state["feedback"] = self.feedback.clone()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state written by :meth:`state_dict` (its K must match the config) (chapter 3)."""
+        strengths = state["strengths"]
+        if strengths.shape[-1] != self.config.n_attractors:
+            raise ParameterError(f"state has {strengths.shape[-1]} attractors, config has {self.config.n_attractors}")
+        self.n_streams = int(state["n_streams"])
+        self.strengths = strengths.clone()
+        self.similarity = state["similarity"].clone()
+        self.passes = int(state["passes"])
+        self.feedback_passes = int(state["feedback_passes"])
+        self.attractors = state["attractors"].clone() if "attractors" in state else None
+        self.feedback = state["feedback"].clone() if "feedback" in state else None
+
+    def save(self, path: Path | str) -> Path:
+        """Write the state to a safetensors file (exact round trip with :meth:`load`) (chapter 3)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path))
+        return path
+
+    def load(self, path: Path | str) -> None:
+        """Read a state written by :meth:`save` (chapter 3)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise ParameterError(f"attractor state file not found: {path}")
+        self.load_state_dict(load_file(str(path)))
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self) -> "AttractorLayer":
+        """Register the hooks (idempotent). The state is kept; call :meth:`reset` to clear it (chapter 3)."""
+        if not self._handles:
+            self._handles.append(self.model.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
+            self._handles.append(self.module.register_forward_hook(self._hook))
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks; the model is then exactly the plain model again (chapter 3)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._mask = None
+
+    def __enter__(self) -> "AttractorLayer":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def _capture_mask(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        return None
+
+    def feedback_active(self) -> torch.Tensor:
+        """Per stream: is the burn-in over (so that the pending feedback is applied) (chapter 3)?"""
+        cfg = self.config
+        ready = torch.full((self.n_streams,), self.passes >= cfg.burn_in_passes)
+        if cfg.burn_in_strength > 0:
+            ready &= self.strengths.max(dim=1).values >= cfg.burn_in_strength
+        return ready
+
+    @torch.no_grad()
+    def _hook(self, module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        batch, length, width = hidden.shape
+        streams = self.n_streams
+        if streams not in (1, batch):
+            raise ParameterError(f"attractor layer has {streams} streams but the batch has {batch} rows")
+        changed = None
+        if self.feedback is not None and self.config.feedback_strength > 0:
+            active = self.feedback_active()
+            if bool(active.any()):
+                f = self.feedback * active[:, None].to(self.feedback.dtype)
+                changed = hidden + f[:, None, :].to(hidden.dtype)
+                self.feedback_passes += 1
+        # pooled activation of this pass (before the feedback), masked mean over positions
+        h = hidden.detach().float()
+        if self._mask is not None and self._mask.shape[0] == batch:
+            weights = self._mask[:, -length:].to(h.dtype)
+        else:
+            weights = torch.ones(batch, length)
+        if streams == 1:
+            pooled = (h * weights[..., None]).sum(dim=(0, 1)) / weights.sum().clamp_min(1)
+            pooled = pooled[None]
+        else:
+            pooled = (h * weights[..., None]).sum(dim=1) / weights.sum(dim=1, keepdim=True).clamp_min(1)
+        if self.attractors is None:
+            self.attractors = self._initial_attractors(h, weights, pooled)
+        self._update(pooled)
+        if changed is None:
+            return None
+        return (changed, *output[1:]) if isinstance(output, tuple) else changed
+
+    def _initial_attractors(self, h: torch.Tensor, weights: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """K attractors per stream: token activations of the first pass, or random directions."""
+        cfg = self.config
+        generator = torch.Generator().manual_seed(cfg.seed)
+        if cfg.init == "random":
+            directions = torch.randn(self.n_streams, cfg.n_attractors, h.shape[-1], generator=generator)
+            return directions / directions.norm(dim=-1, keepdim=True) * pooled.norm(dim=-1)[:, None, None]
+        if self.n_streams == 1:
+            h, weights = h.reshape(1, -1, h.shape[-1]), weights.reshape(1, -1)
+        # distinct tokens where the pass has enough of them (a prompt), repeats only where it has not
+        enough = bool((weights > 0).sum(dim=1).min() >= cfg.n_attractors)
+        picks = torch.multinomial(weights.clamp_min(0) + 1e-12 * (not enough), cfg.n_attractors,
+                                  replacement=not enough, generator=generator)
+        return torch.gather(h, 1, picks[..., None].expand(-1, -1, h.shape[-1])).clone()
+
+    def _update(self, x: torch.Tensor) -> None:
+        """One update of the state from pooled activations ``x`` (R, d); vectorised over attractors."""
+        cfg = self.config
+        a = self.attractors
+        c = torch.nn.functional.cosine_similarity(a, x[:, None, :], dim=-1)  # (R, K)
+        activated = c >= cfg.activation_threshold
+        if cfg.winner_always_activates:
+            activated |= torch.nn.functional.one_hot(c.argmax(dim=1), cfg.n_attractors).bool()
+        act = activated.to(a.dtype)
+        grown = (self.strengths + cfg.gain * c.clamp_min(0) * (1 - self.strengths / cfg.s_max)).clamp(0, cfg.s_max)
+        self.strengths = torch.where(activated, grown, (1 - cfg.decay) * self.strengths)
+        self.attractors = a + cfg.pull * act[..., None] * (x[:, None, :] - a)
+        self.similarity = c
+        weight = self.strengths * c.clamp_min(0)
+        if cfg.gate_threshold is not None:
+            weight = weight * (c >= cfg.gate_threshold).to(weight.dtype)
+        self.feedback = cfg.feedback_strength * torch.einsum("rk,rkd->rd", weight, self.attractors)
+        self.passes += 1
+        if self.record is not None:
+            self.record.append({
+                "pass": self.passes,
+                "max_similarity": c.max(dim=1).values.mean().item(),
+                "strength_sum": self.strengths.sum(dim=1).mean().item(),
+                "feedback_norm": self.feedback.norm(dim=-1).mean().item(),
+                "activation_norm": x.norm(dim=-1).mean().item(),
+                "n_activated": act.sum(dim=1).mean().item(),
+            })
+

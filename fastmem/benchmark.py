@@ -1,0 +1,543 @@
+"""A minimal benchmark suite for any inference-time memory (chapter 3, "What minimal benchmark?").
+
+Seed 001 asks what minimal benchmark would show that an inference-time memory is not just
+overfitting to perplexity. Chapter 3's answer is :func:`run_suite`: one call that scores a memory
+against the plain frozen model on five axes, every one paired item by item so that a confidence
+interval comes with each change:
+
+- perplexity on held-out text with the standard sliding window (:func:`perplexity`);
+- compute overhead, timed side by side (:func:`overhead`);
+- long generation: repetition (:func:`repeated_ngram_rate`, :func:`distinct_n`), drift from the
+  prompt's topic (:class:`TopicScorer`) and a long-range recall probe (:func:`long_generation_probe`);
+- short comprehension: LoCoMo questions with their evidence turns in the prompt, token F1
+  (:func:`locomo_items`, :func:`comprehension`).
+
+A *memory* is anything with ``attach()`` / ``detach()`` (and ``reset()``, called before every
+independent episode), or a context manager; ``None`` is the plain model. A memory that keeps one
+state per batch row takes ``reset(n_streams=B)``; the recall questions of the long-generation probe
+are asked from the state the memory reached after the essay (``reset`` is not called in between).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ParameterError
+from .evaluation import normalise_answer, token_f1
+from .models import transformer_blocks
+
+
+# ---------------------------------------------------------------------------- memory protocol
+@contextlib.contextmanager
+def memory_attached(memory):
+    """Attach ``memory`` for the duration of a ``with`` block (``None``: the plain model; chapter 3)."""
+    if memory is None:
+        yield None
+    elif hasattr(memory, "attach") and hasattr(memory, "detach"):
+        memory.attach()
+        try:
+            yield memory
+        finally:
+            memory.detach()
+    elif hasattr(memory, "__enter__"):
+        with memory as entered:
+            yield entered
+    else:
+        raise ParameterError(f"{type(memory).__name__}: a memory needs attach()/detach() or to be a context manager")
+
+
+def reset_memory(memory, n_streams: int = 1) -> None:
+    """Start a new episode: ``memory.reset(n_streams=...)`` where supported, else ``memory.reset()`` (chapter 3)."""
+    if memory is None or not hasattr(memory, "reset"):
+        return
+    if "n_streams" in inspect.signature(memory.reset).parameters:
+        memory.reset(n_streams=n_streams)
+    elif n_streams == 1:
+        memory.reset()
+    else:
+        raise ParameterError(f"{type(memory).__name__}.reset() keeps one state; use batch_size=1")
+
+
+# ---------------------------------------------------------------------------- perplexity
+def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """The standard sliding-window evaluation (as in the transformers perplexity guide): windows
+    ``[begin, end)`` of at most ``window`` tokens every ``stride`` tokens; each scores only its last
+    ``end - previous_end`` tokens, so every token after the first is scored exactly once (chapter 3)."""
+    if window < 2 or stride < 1 or stride > window:
+        raise ParameterError(f"need window >= 2 and 1 <= stride <= window, got window={window}, stride={stride}")
+    spans, previous_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + window, n_tokens)
+        scored = end - previous_end
+        if end - begin >= 2:
+            spans.append((begin, end, min(scored, end - begin - 1)))
+        previous_end = end
+        if end == n_tokens:
+            break
+    return spans
+
+
+@torch.no_grad()
+def perplexity(model, token_ids, window: int = 512, stride: int = 256, batch_size: int = 1,
+               memory=None, progress: bool = True, desc: str = "perplexity") -> dict:
+    """Sliding-window perplexity of a 1-D tensor of token ids (chapter 3, measurement 1).
+
+    Windows of equal length are batched ``batch_size`` at a time, in text order; a memory sees
+    them as consecutive forward passes (it is reset once, at the start). Returns ``ppl``, and per
+    window the summed negative log-likelihood ``nll`` and the number of scored tokens ``tokens``,
+    so that a change can be bootstrapped over windows.
+    """
+    ids = torch.as_tensor(token_ids).reshape(-1)
+    spans = sliding_windows(len(ids), window, stride)
+    nll, counts = np.zeros(len(spans)), np.zeros(len(spans), dtype=int)
+    reset_memory(memory)
+    batches, current = [], []
+    for i, span in enumerate(spans):
+        if current and (len(current) == batch_size or span[1] - span[0] != spans[current[0]][1] - spans[current[0]][0]):
+            batches.append(current)
+            current = []
+        current.append(i)
+    batches.append(current)
+    with memory_attached(memory):
+        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            inputs = torch.stack([ids[spans[i][0]:spans[i][1]] for i in batch])
+            logits = model(inputs).logits.float()
+            log_p = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, inputs[:, 1:, None]).squeeze(-1)
+            for row, i in enumerate(batch):
+                scored = spans[i][2]
+                nll[i] = -log_p[row, -scored:].sum().item()
+                counts[i] = scored
+    return {"ppl": math.exp(nll.sum() / counts.sum()), "nll": nll, "tokens": counts}
+
+
+def perplexity_change(plain: dict, other: dict, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Change of perplexity in percent with a paired bootstrap interval over windows (chapter 3)."""
+    rng = np.random.default_rng(seed)
+    n = len(plain["nll"])
+    picks = rng.integers(0, n, size=(n_boot, n))
+    tokens = plain["tokens"][picks].sum(1)
+    boot = 100 * (np.exp((other["nll"][picks].sum(1) - plain["nll"][picks].sum(1)) / tokens) - 1)
+    point = 100 * (other["ppl"] / plain["ppl"] - 1)
+    return {"change_pct": point, "low": float(np.quantile(boot, 0.025)), "high": float(np.quantile(boot, 0.975))}
+
+
+# ---------------------------------------------------------------------------- overhead
+@torch.no_grad()
+def overhead(model, token_ids, memory, repeats: int = 7, decode_steps: int = 16, n_boot: int = 2000,
+             seed: int = 0, progress: bool = True) -> dict:
+    """Wall-time overhead of ``memory`` in percent (chapter 3, measurement 2).
+
+    Plain and memory runs alternate (plain, memory, plain, memory, ...) so that both see the same
+    machine load; each run is (a) one forward pass over ``token_ids`` and (b) ``decode_steps``
+    single-token steps with a KV cache (time per step). For each, ``overhead_pct`` =
+    100 (median memory time / median plain time - 1), with a 95% bootstrap interval that resamples
+    the (plain, memory) pairs; every timing is kept.
+    """
+    ids = torch.as_tensor(token_ids).reshape(1, -1)
+    times = {("forward", False): [], ("forward", True): [], ("decode", False): [], ("decode", True): []}
+
+    def one_run(with_memory: bool):
+        reset_memory(memory if with_memory else None)
+        context = memory_attached(memory) if with_memory else contextlib.nullcontext()
+        with context:
+            start = time.perf_counter()
+            out = model(ids, use_cache=True)
+            times[("forward", with_memory)].append(time.perf_counter() - start)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            start = time.perf_counter()
+            for _ in range(decode_steps):
+                out = model(token, past_key_values=cache, use_cache=True)
+                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            times[("decode", with_memory)].append((time.perf_counter() - start) / max(decode_steps, 1))
+
+    one_run(False)  # warm-up, not kept
+    one_run(True)
+    for key in times:
+        times[key].clear()
+    for _ in tqdm(range(repeats), desc="overhead", disable=not progress, leave=False):
+        one_run(False)
+        one_run(True)
+    picks = np.random.default_rng(seed).integers(0, repeats, size=(n_boot, repeats))
+    result = {}
+    for kind in ("forward", "decode"):
+        plain, mem = np.array(times[(kind, False)]), np.array(times[(kind, True)])
+        boot = 100 * (np.median(mem[picks], axis=1) / np.median(plain[picks], axis=1) - 1)
+        result[kind] = {"plain_s": float(np.median(plain)), "memory_s": float(np.median(mem)),
+                        "overhead_pct": float(100 * (np.median(mem) / np.median(plain) - 1)),
+                        "low": float(np.quantile(boot, 0.025)), "high": float(np.quantile(boot, 0.975)),
+                        "plain_times": plain.tolist(), "memory_times": mem.tolist()}
+    return result
+
+
+# ---------------------------------------------------------------------------- repetition and drift
+def _ngrams(tokens, n: int) -> list[tuple]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def repeated_ngram_rate(tokens, n: int = 4) -> float:
+    """Share of the n-grams of a sequence that already occurred earlier in it (0: none repeats; chapter 3)."""
+    grams = _ngrams(list(tokens), n)
+    if not grams:
+        return float("nan")
+    seen, repeats = set(), 0
+    for gram in grams:
+        repeats += gram in seen
+        seen.add(gram)
+    return repeats / len(grams)
+
+
+def distinct_n(tokens, n: int = 2) -> float:
+    """Distinct-n: unique n-grams over all n-grams (1: no n-gram repeats; chapter 3)."""
+    grams = _ngrams(list(tokens), n)
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+class TopicScorer:
+    """Topic similarity of texts: cosine of mean-pooled hidden states of the plain model at one
+    layer, centred on the mean state of reference text (without centring, any two pooled states
+    have cosine near 0.9 and every text looks on-topic). Chapter 3, "drift"."""
+
+    def __init__(self, model, tokenizer, reference_texts: list[str], layer: int | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.layer = len(transformer_blocks(model)) // 2 if layer is None else layer
+        self.centre = torch.zeros(0)
+        self.centre = torch.stack([self.embed(t) for t in reference_texts]).mean(0)
+
+    @torch.no_grad()
+    def embed(self, text_or_ids) -> torch.Tensor:
+        """Mean hidden state of a text (or token ids) at the scorer's layer, centred (chapter 3)."""
+        ids = self.tokenizer(text_or_ids, return_tensors="pt").input_ids if isinstance(text_or_ids, str) \
+            else torch.as_tensor(text_or_ids).reshape(1, -1)
+        states = self.model(ids, output_hidden_states=True).hidden_states[self.layer]
+        pooled = states[0].float().mean(0)
+        return pooled - self.centre if self.centre.numel() else pooled
+
+    def curve(self, topic: str, token_ids, chunk: int = 100) -> list[float]:
+        """Topic similarity of each ``chunk``-token piece of a generation, in order (chapter 3)."""
+        ids = list(token_ids)
+        topic_vector = self.embed(topic)
+        return [torch.nn.functional.cosine_similarity(topic_vector, self.embed(ids[i:i + chunk]), dim=0).item()
+                for i in range(0, len(ids) - chunk + 1, chunk)]
+
+
+# ---------------------------------------------------------------------------- generation
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, memory=None, *, sample: bool = False,
+             temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, min_new_tokens: int = 0,
+             keep_state: bool = False) -> list[list[int]]:
+    """Continue ``prompts`` (a batch, left-padded) and return the new token ids of each (chapter 3).
+
+    One state per prompt: the memory is reset with ``n_streams=len(prompts)`` unless
+    ``keep_state``. Sampling is seeded, so plain and memory runs draw the same random numbers.
+    """
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    if not keep_state:
+        reset_memory(memory, n_streams=len(prompts))
+    torch.manual_seed(seed)
+    options = dict(do_sample=sample, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                   pad_token_id=tokenizer.pad_token_id)
+    if sample:
+        options.update(temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        options.update(temperature=None, top_p=None, top_k=None)
+    with memory_attached(memory):
+        out = model.generate(**batch, **options)
+    new = out[:, batch.input_ids.shape[1]:]
+    stops = {tokenizer.pad_token_id, tokenizer.eos_token_id, model.generation_config.eos_token_id} - {None}
+    results = []
+    for row in new.tolist():
+        cut = next((i for i, token in enumerate(row) if token in stops and i >= min_new_tokens), len(row))
+        results.append(row[:cut])
+    return results
+
+
+def chat(tokenizer, turns: list[tuple[str, str]]) -> str:
+    """A chat prompt from (role, text) turns, ending with the assistant's turn opened (chapter 3)."""
+    messages = [{"role": role, "content": text} for role, text in turns]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+@dataclass(frozen=True)
+class RecallProbe:
+    """Facts stated at the start, a long writing task, then questions about the facts (chapter 3)."""
+
+    facts: str
+    topic: str
+    questions: tuple[tuple[str, str], ...]
+
+
+LONG_PROBES = (
+    RecallProbe("Mira's cat is named Pepper. Mira lives in Tromso. Mira plays the cello.",
+                "the history of lighthouses and the people who kept them",
+                (("What is the name of Mira's cat?", "Pepper"), ("In which city does Mira live?", "Tromso"),
+                 ("Which instrument does Mira play?", "cello"))),
+    RecallProbe("Tomas drives a green tractor. Tomas was born in Quito. Tomas's sister is called Ines.",
+                "how volcanoes form and why they erupt",
+                (("What colour is Tomas's tractor?", "green"), ("Where was Tomas born?", "Quito"),
+                 ("What is the name of Tomas's sister?", "Ines"))),
+    RecallProbe("Leah's favourite fruit is mango. Leah works as a pilot. Leah's dog is called Rufus.",
+                "the invention of the printing press and its effects on Europe",
+                (("What is Leah's favourite fruit?", "mango"), ("What is Leah's job?", "pilot"),
+                 ("What is the name of Leah's dog?", "Rufus"))),
+    RecallProbe("Omar collects old stamps. Omar's car is blue. Omar lives in Nairobi.",
+                "how bees make honey and organise their hives",
+                (("What does Omar collect?", "stamps"), ("What colour is Omar's car?", "blue"),
+                 ("In which city does Omar live?", "Nairobi"))),
+    RecallProbe("Greta's brother is named Lars. Greta teaches chemistry. Greta's bike is red.",
+                "the exploration of the deep ocean",
+                (("What is the name of Greta's brother?", "Lars"), ("Which subject does Greta teach?", "chemistry"),
+                 ("What colour is Greta's bike?", "red"))),
+    RecallProbe("Ravi grows tomatoes. Ravi's parrot is called Kiwi. Ravi moved to Oslo.",
+                "the building of the first railways",
+                (("What does Ravi grow?", "tomatoes"), ("What is the name of Ravi's parrot?", "Kiwi"),
+                 ("Where did Ravi move to?", "Oslo"))),
+    RecallProbe("Nadia's horse is called Comet. Nadia works as a nurse. Nadia lives in Porto.",
+                "how glaciers shape mountains and valleys",
+                (("What is the name of Nadia's horse?", "Comet"), ("What is Nadia's job?", "nurse"),
+                 ("Where does Nadia live?", "Porto"))),
+    RecallProbe("Felix plays chess every day. Felix's house is yellow. Felix's daughter is called Ada.",
+                "the life cycle of stars",
+                (("Which game does Felix play every day?", "chess"), ("What colour is Felix's house?", "yellow"),
+                 ("What is the name of Felix's daughter?", "Ada"))),
+)
+
+
+def _probe_request(probe: RecallProbe) -> str:
+    return f"Remember these facts: {probe.facts} Now write a long, detailed essay about {probe.topic}."
+
+
+def probe_prompt(tokenizer, probe: RecallProbe) -> str:
+    """The long-generation prompt: the facts, then the essay request (chapter 3)."""
+    return chat(tokenizer, [("user", _probe_request(probe))])
+
+
+def _contains(answer_text: str, gold: str) -> float:
+    """1 if every word of ``gold`` is a word of the answer ("red" is not found in "considered")."""
+    return float(set(normalise_answer(gold)) <= set(normalise_answer(answer_text)))
+
+
+@torch.no_grad()
+def long_generation_probe(model, tokenizer, probes, memory=None, n_tokens: int = 500, *, topic_scorer=None,
+                          chunk: int = 100, ngram: int = 4, seed: int = 0, answer_tokens: int = 40,
+                          batch_size: int = 4, progress: bool = True) -> dict:
+    """Long generation with facts stated first, then recall questions (chapter 3, measurement 3).
+
+    Each probe's prompt states three facts and asks for a long essay; ``n_tokens`` tokens are
+    sampled (seeded, no early stop). Then the three questions are asked together in a new user
+    turn after the essay, from the state the memory reached, and each fact scores 1 if its gold
+    word is a word of the greedy answer. Returns per probe the repeated n-gram rate, distinct-2, topic
+    similarity per chunk and the share of its facts recalled (``recall_per_probe``: the facts of one
+    essay are not independent, so intervals resample probes), and per fact the recall.
+    """
+    rows = {"repeat": [], "distinct2": [], "topic_curve": [], "drift": [], "recall": [], "recall_per_probe": [],
+            "texts": [], "answers": []}
+    probes = list(probes)
+    for start in tqdm(range(0, len(probes), batch_size), desc="long generation", disable=not progress, leave=False):
+        group = probes[start:start + batch_size]
+        prompts = [probe_prompt(tokenizer, p) for p in group]
+        essays = generate(model, tokenizer, prompts, n_tokens, memory, sample=True, seed=seed + start,
+                          min_new_tokens=n_tokens)
+        for probe, essay in zip(group, essays):
+            rows["repeat"].append(repeated_ngram_rate(essay, ngram))
+            rows["distinct2"].append(distinct_n(essay, 2))
+            rows["texts"].append(tokenizer.decode(essay))
+            if topic_scorer is not None:
+                curve = topic_scorer.curve(probe.topic, essay, chunk)
+                rows["topic_curve"].append(curve)
+                rows["drift"].append(curve[0] - curve[-1] if curve else float("nan"))
+        recall_prompts = []
+        for probe, essay in zip(group, essays):
+            questions = " ".join(question for question, _ in probe.questions)
+            recall_prompts.append(chat(tokenizer, [
+                ("user", _probe_request(probe)), ("assistant", tokenizer.decode(essay, skip_special_tokens=True)),
+                ("user", f"Answer from the facts I gave you at the start. {questions}")]))
+        answers = generate(model, tokenizer, recall_prompts, answer_tokens, memory, keep_state=memory is not None)
+        for probe, answer in zip(group, answers):
+            text = tokenizer.decode(answer, skip_special_tokens=True)
+            rows["answers"].append(text)
+            recalled = [_contains(text, gold) for _, gold in probe.questions]
+            rows["recall"].extend(recalled)
+            rows["recall_per_probe"].append(float(np.mean(recalled)))
+    return rows
+
+
+# ---------------------------------------------------------------------------- comprehension
+def locomo_items(conversations, n_items: int, categories=(4,), seed: int = 0) -> list[dict]:
+    """Short comprehension items from LoCoMo (chapter 3, measurement 4): a question with its
+    evidence turns ("Speaker: text" lines) in the prompt, and the gold answer. Items are drawn at
+    random (seeded) from questions of ``categories`` whose evidence turns all exist."""
+    pool = []
+    for conversation in conversations:
+        turns = {}
+        for key, value in conversation["conversation"].items():
+            if key.startswith("session_") and isinstance(value, list):
+                for turn in value:
+                    turns[turn["dia_id"]] = f"{turn['speaker']}: {turn['text']}"
+        for qa in conversation["qa"]:
+            if qa.get("category") not in categories or "answer" not in qa:
+                continue
+            evidence = [e.strip() for e in qa.get("evidence", [])]
+            if not evidence or not all(e in turns for e in evidence):
+                continue
+            pool.append({"question": qa["question"], "answer": str(qa["answer"]),
+                         "evidence": "\n".join(turns[e] for e in evidence),
+                         "conversation": conversation["sample_id"]})
+    random.Random(seed).shuffle(pool)
+    return pool[:n_items]
+
+
+def comprehension_prompt(tokenizer, item: dict, with_evidence: bool = True) -> str:
+    """A LoCoMo question, with or without its evidence turns, as a chat prompt (chapter 3)."""
+    if with_evidence:
+        text = f"Conversation excerpt:\n{item['evidence']}\n\nQuestion: {item['question']} Answer in a few words."
+    else:
+        text = f"Question: {item['question']} Answer in a few words."
+    return chat(tokenizer, [("user", text)])
+
+
+@torch.no_grad()
+def comprehension(model, tokenizer, items: list[dict], memory=None, *, with_evidence: bool = True,
+                  preload_evidence: bool = False, batch_size: int = 8, answer_tokens: int = 16,
+                  progress: bool = True) -> dict:
+    """Token F1 of greedy answers to ``items``, one memory state per item (chapter 3, measurement 4).
+
+    ``preload_evidence``: before the question, the evidence is passed once through the model with
+    the memory attached (a separate forward pass), so that only the memory can carry it to the
+    question: the "memory instead of context" condition of chapter 3.
+    """
+    f1, answers = [], []
+    for start in tqdm(range(0, len(items), batch_size), desc="comprehension", disable=not progress, leave=False):
+        group = items[start:start + batch_size]
+        prompts = [comprehension_prompt(tokenizer, item, with_evidence) for item in group]
+        keep = False
+        if preload_evidence and memory is not None:
+            reset_memory(memory, n_streams=len(group))
+            tokenizer.padding_side = "left"
+            batch = tokenizer([chat(tokenizer, [("user", item["evidence"])]) for item in group], return_tensors="pt",
+                              padding=True, add_special_tokens=False)
+            with memory_attached(memory):
+                model(**batch)
+            keep = True
+        outputs = generate(model, tokenizer, prompts, answer_tokens, memory, keep_state=keep)
+        for item, output in zip(group, outputs):
+            text = tokenizer.decode(output, skip_special_tokens=True).strip()
+            answers.append(text)
+            f1.append(token_f1(text, item["answer"]))
+    return {"f1": np.array(f1), "answers": answers}
+
+
+# ---------------------------------------------------------------------------- the suite
+@dataclass
+class Suite:
+    """The inputs of the minimal benchmark suite (chapter 3); sizes are the caller's choice."""
+
+    ppl_ids: torch.Tensor
+    timing_ids: torch.Tensor
+    probes: tuple
+    items: list
+    topic_scorer: TopicScorer | None = None
+    window: int = 512
+    stride: int = 256
+    ppl_batch_size: int = 1
+    overhead_repeats: int = 7
+    long_tokens: int = 500
+    recall_tokens: int = 40
+    answer_tokens: int = 16
+    chunk: int = 100
+    batch_size: int = 4
+    seed: int = 0
+    parts: tuple = ("perplexity", "overhead", "long", "comprehension")
+
+
+def run_suite(model, tokenizer, suite: Suite, memory=None, baseline: dict | None = None, parts=None,
+              progress: bool = True) -> dict:
+    """Score ``memory`` on the minimal suite (chapter 3); ``memory=None``: the plain model's raw results.
+
+    Returns raw per-item results for each part; pass the plain model's result as ``baseline`` and
+    use :func:`summarise` for the table of changes with confidence intervals. The plain model is
+    never re-run when a baseline is given.
+    """
+    parts = tuple(parts or suite.parts)
+    result = {"parts": parts}
+    if "perplexity" in parts:
+        result["perplexity"] = perplexity(model, suite.ppl_ids, suite.window, suite.stride, suite.ppl_batch_size,
+                                          memory, progress, desc="perplexity" + (" (memory)" if memory else ""))
+    if "overhead" in parts and memory is not None:
+        result["overhead"] = overhead(model, suite.timing_ids, memory, suite.overhead_repeats, progress=progress)
+    if "long" in parts:
+        result["long"] = long_generation_probe(model, tokenizer, suite.probes, memory, suite.long_tokens,
+                                               topic_scorer=suite.topic_scorer, chunk=suite.chunk, seed=suite.seed,
+                                               answer_tokens=suite.recall_tokens, batch_size=suite.batch_size,
+                                               progress=progress)
+    if "comprehension" in parts:
+        result["comprehension"] = comprehension(model, tokenizer, suite.items, memory, batch_size=2 * suite.batch_size,
+                                                answer_tokens=suite.answer_tokens, progress=progress)
+    if baseline is not None:
+        result["baseline"] = baseline
+    return result
+
+
+def paired_change(plain, other, relative: bool, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Change (other - plain) of a mean, absolute or in percent of the plain mean, with a paired
+    bootstrap 95% interval over items (chapter 3)."""
+    plain, other = np.asarray(plain, float), np.asarray(other, float)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(plain), size=(n_boot, len(plain)))
+    p, o = plain[picks].mean(1), other[picks].mean(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boot = 100 * (o - p) / p if relative else o - p
+        point = 100 * (other.mean() - plain.mean()) / plain.mean() if relative else other.mean() - plain.mean()
+    boot = boot[np.isfinite(boot)]
+    low, high = (np.quantile(boot, [0.025, 0.975]) if boot.size else (float("nan"), float("nan")))
+    return {"plain": float(plain.mean()), "memory": float(other.mean()), "change": float(point),
+            "low": float(low), "high": float(high)}
+
+
+def summarise(result: dict, baseline: dict | None = None) -> "pandas.DataFrame":
+    """One row per metric: plain, memory, change and its 95% interval (percent where noted; chapter 3)."""
+    import pandas as pd
+
+    baseline = baseline or result.get("baseline")
+    if baseline is None:
+        raise ParameterError("summarise needs the plain model's result as baseline")
+    rows = []
+    if "perplexity" in result:
+        change = perplexity_change(baseline["perplexity"], result["perplexity"])
+        rows.append({"metric": "perplexity", "unit": "% change", "plain": baseline["perplexity"]["ppl"],
+                     "memory": result["perplexity"]["ppl"], "change": change["change_pct"],
+                     "low": change["low"], "high": change["high"]})
+    if "overhead" in result:
+        for kind in ("forward", "decode"):
+            o = result["overhead"][kind]
+            rows.append({"metric": f"wall time, {kind}", "unit": "% change", "plain": o["plain_s"],
+                         "memory": o["memory_s"], "change": o["overhead_pct"], "low": o["low"], "high": o["high"]})
+    if "long" in result:
+        b, r = baseline["long"], result["long"]
+        specs = [("repeated 4-gram rate", "repeat", False), ("distinct-2", "distinct2", False),
+                 ("topic drift (first - last chunk)", "drift", False), ("long-range recall", "recall_per_probe", True)]
+        for name, key, relative in specs:
+            if b[key]:
+                c = paired_change(b[key], r[key], relative)
+                rows.append({"metric": name, "unit": "% change" if relative else "absolute change", "plain": c["plain"],
+                             "memory": c["memory"], "change": c["change"], "low": c["low"], "high": c["high"]})
+    if "comprehension" in result:
+        c = paired_change(baseline["comprehension"]["f1"], result["comprehension"]["f1"], True)
+        rows.append({"metric": "comprehension token F1", "unit": "% change", "plain": c["plain"], "memory": c["memory"],
+                     "change": c["change"], "low": c["low"], "high": c["high"]})
+    return pd.DataFrame(rows)
+
+
+__all__ = ["memory_attached", "reset_memory", "sliding_windows", "perplexity", "perplexity_change", "overhead",
+           "repeated_ngram_rate", "distinct_n", "TopicScorer", "generate", "chat", "RecallProbe", "LONG_PROBES",
+           "long_generation_probe", "locomo_items", "comprehension", "Suite", "run_suite", "paired_change",
+           "summarise"]

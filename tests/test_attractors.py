@@ -1,0 +1,222 @@
+"""Chapter 3: the attractor layer and the inference-time memory benchmark."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastmem import benchmark as bm
+from fastmem.attractors import AttractorConfig, AttractorLayer
+from fastmem.book import glued_values
+from fastmem.errors import ParameterError
+
+from conftest import executed_ci_notebook
+
+GLUED = ("attractor_ppl_delta_pct", "attractor_overhead_pct", "attractor_long_recall_change_pct",
+         "attractor_repetition_change", "attractor_gated_comprehension_change_pct")
+
+
+def _inputs(n_passes=4, length=12, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, 1000, (1, length), generator=generator) for _ in range(n_passes)]
+
+
+def _run(model, layer, inputs):
+    outputs = []
+    with torch.no_grad(), layer:
+        for x in inputs:
+            outputs.append(model(x).logits)
+    return outputs
+
+
+@pytest.mark.parametrize("site", ["attn", "residual"])
+def test_zero_feedback_is_bit_identical_and_weights_frozen(tiny_neox, site):
+    model, _, _ = tiny_neox
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inputs = _inputs()
+    with torch.no_grad():
+        plain = [model(x).logits for x in inputs]
+    layer = AttractorLayer(model, AttractorConfig(layer=1, site=site, feedback_strength=0.0, n_attractors=4))
+    for a, b in zip(plain, _run(model, layer, inputs)):
+        assert torch.equal(a, b)
+    assert layer.passes == len(inputs) and layer.strengths.sum() > 0, "state must still be updated"
+    strong = AttractorLayer(model, AttractorConfig(layer=1, site=site, feedback_strength=0.5, n_attractors=4))
+    changed = _run(model, strong, inputs)
+    assert torch.equal(changed[0], plain[0]), "no feedback on the first pass"
+    assert not torch.equal(changed[1], plain[1]), "feedback enters at the next pass"
+    with torch.no_grad():
+        assert torch.equal(model(inputs[1]).logits, plain[1]), "hook left behind"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_feedback_prepared_at_one_pass_is_added_at_the_next(tiny_neox):
+    model, _, _ = tiny_neox
+    inputs = _inputs(3)
+    layer = AttractorLayer(model, AttractorConfig(layer=1, n_attractors=4, feedback_strength=0.3))
+    seen = []
+    with torch.no_grad():
+        plain_handle = layer.module.register_forward_hook(lambda m, a, o: seen.append(o[0].clone()))
+        for x in inputs:
+            model(x)
+        plain_handle.remove()
+        plain = list(seen)
+        seen.clear()
+        layer.attach()  # the layer's hook runs first, so the capture sees its modified output
+        capture = layer.module.register_forward_hook(lambda m, a, o: seen.append(o[0].clone()))
+        pending = []
+        for x in inputs:
+            pending.append(None if layer.feedback is None else layer.feedback.clone())
+            model(x)
+        capture.remove()
+        layer.detach()
+    assert torch.equal(seen[0], plain[0]) and pending[0] is None
+    for t in (1, 2):
+        assert torch.allclose(seen[t], plain[t] + pending[t][:, None, :], atol=1e-6), t
+        assert pending[t].norm() > 0
+
+
+def test_decay_drives_strengths_to_zero(tiny_neox):
+    model, _, _ = tiny_neox
+    layer = AttractorLayer(model, AttractorConfig(layer=1, n_attractors=4, decay=0.5, feedback_strength=0.1))
+    _run(model, layer, _inputs(3))
+    assert layer.strengths.max() > 0
+    # nothing is activated any more: the winner rule off and an unreachable threshold
+    layer.config = layer.config.with_(winner_always_activates=False, activation_threshold=2.0)
+    _run(model, layer, _inputs(40, seed=1))
+    assert layer.strengths.max() < 1e-10
+    assert layer.feedback.abs().max() < 1e-9
+
+
+def test_state_round_trips_exactly(tiny_neox, tmp_path):
+    model, _, _ = tiny_neox
+    config = AttractorConfig(layer=0, n_attractors=5, feedback_strength=0.2)
+    layer = AttractorLayer(model, config)
+    _run(model, layer, _inputs(3))
+    path = layer.save(tmp_path / "state.safetensors")
+    copy = AttractorLayer(model, config)
+    copy.load(path)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, copy.state_dict()[key]), key
+    nxt = _inputs(2, seed=3)
+    for a, b in zip(_run(model, layer, nxt), _run(model, copy, nxt)):
+        assert torch.equal(a, b)
+    layer.reset()
+    assert layer.attractors is None and layer.passes == 0 and layer.strengths.abs().sum() == 0
+    with pytest.raises(ParameterError):
+        AttractorLayer(model, config.with_(n_attractors=3)).load(path)
+
+
+def test_gating_and_burn_in_suppress_feedback(tiny_neox):
+    model, _, _ = tiny_neox
+    inputs = _inputs(5)
+    with torch.no_grad():
+        plain = [model(x).logits for x in inputs]
+    base = AttractorConfig(layer=1, n_attractors=4, feedback_strength=0.5)
+    gated = AttractorLayer(model, base.with_(gate_threshold=1.0))  # no similarity reaches 1
+    for a, b in zip(plain, _run(model, gated, inputs)):
+        assert torch.equal(a, b)
+    burn = AttractorLayer(model, base.with_(burn_in_passes=3))
+    out = _run(model, burn, inputs)
+    assert all(torch.equal(a, b) for a, b in zip(plain[:3], out[:3]))
+    assert not torch.equal(plain[3], out[3])
+    by_strength = AttractorLayer(model, base.with_(burn_in_strength=0.999))
+    assert all(torch.equal(a, b) for a, b in zip(plain, _run(model, by_strength, inputs)))
+
+
+def test_streams_are_independent(tiny_neox):
+    model, _, _ = tiny_neox
+    x = torch.cat(_inputs(2, seed=5))
+    layer = AttractorLayer(model, AttractorConfig(layer=1, n_attractors=3, feedback_strength=0.3))
+    layer.reset(n_streams=2)
+    _run(model, layer, [x, x])
+    single = AttractorLayer(model, AttractorConfig(layer=1, n_attractors=3, feedback_strength=0.3))
+    _run(model, single, [x[:1], x[:1]])
+    assert torch.allclose(layer.strengths[0], single.strengths[0])
+
+
+def test_bad_parameters_raise_one_line_errors(tiny_neox):
+    model, _, _ = tiny_neox
+    for bad in ({"n_attractors": 0}, {"decay": 1.5}, {"site": "mlp"}, {"gate_threshold": 2.0}):
+        with pytest.raises(ParameterError):
+            AttractorConfig(**bad)
+    with pytest.raises(ParameterError):
+        AttractorLayer(model, AttractorConfig(layer=7))
+    with pytest.raises(ParameterError):
+        bm.sliding_windows(100, 8, 16)
+
+
+class _UniformModel(torch.nn.Module):
+    """Logits all equal: the perplexity is exactly the vocabulary size."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, ids):
+        return type("Out", (), {"logits": torch.zeros(*ids.shape, self.vocab)})()
+
+
+def test_perplexity_on_known_cases(tiny_neox):
+    assert math.isclose(bm.perplexity(_UniformModel(50), torch.arange(40) % 50, 8, 4, progress=False)["ppl"], 50, rel_tol=1e-6)
+    spans = bm.sliding_windows(10, 4, 2)
+    assert sum(s[2] for s in spans) == 9  # every token after the first is scored once
+    model, tokenizer, _ = tiny_neox
+    ids = torch.randint(5, 1000, (70,), generator=torch.Generator().manual_seed(0))
+    one = bm.perplexity(model, ids, 16, 8, batch_size=1, progress=False)
+    batched = bm.perplexity(model, ids, 16, 8, batch_size=4, progress=False)
+    assert math.isclose(one["ppl"], batched["ppl"], rel_tol=1e-5)
+    with torch.no_grad():  # a single window equals the direct mean NLL
+        logits = model(ids[None, :16]).logits
+    direct = torch.nn.functional.cross_entropy(logits[0, :-1], ids[1:16]).exp().item()
+    assert math.isclose(bm.perplexity(model, ids[:16], 16, 16, progress=False)["ppl"], direct, rel_tol=1e-5)
+
+
+def test_overhead_reports_median_ratio_with_interval(tiny_neox):
+    model, _, _ = tiny_neox
+    layer = AttractorLayer(model, AttractorConfig(layer=1, n_attractors=4))
+    result = bm.overhead(model, torch.arange(5, 21), layer, repeats=3, decode_steps=2, progress=False)
+    for kind in ("forward", "decode"):
+        o = result[kind]
+        assert len(o["plain_times"]) == len(o["memory_times"]) == 3
+        assert math.isclose(o["overhead_pct"], 100 * (np.median(o["memory_times"]) / np.median(o["plain_times"]) - 1))
+        assert o["low"] <= o["high"]
+    assert not layer._handles, "overhead must leave the model plain"
+
+
+def test_repetition_metrics():
+    assert bm.repeated_ngram_rate([1, 2, 3, 4, 5], 2) == 0
+    assert bm.repeated_ngram_rate([1, 2, 1, 2, 1, 2], 2) == 3 / 5
+    assert bm.distinct_n([1, 1, 1, 1], 2) == 1 / 3
+    change = bm.paired_change([1, 1, 0, 0], [1, 1, 1, 0], relative=True)
+    assert math.isclose(change["change"], 50.0)
+    assert change["low"] <= 50.0 <= change["high"]
+    assert bm._contains("Her bike is red.", "red") == 1 and bm._contains("She considered it", "red") == 0
+
+
+def test_ci_run_glues_sane_values():
+    values = glued_values(executed_ci_notebook("03_attractors.ipynb"))
+    for name in GLUED:
+        assert isinstance(values.get(name), float) and math.isfinite(values[name]), (name, values.get(name))
+    # a layer with a small feedback must not wreck perplexity; the interval must bracket its estimate
+    assert -5 < values["attractor_ppl_delta_pct"] < 5
+    assert values["attractor_ppl_delta_low"] <= values["attractor_ppl_delta_pct"] <= values["attractor_ppl_delta_high"]
+    assert 1 < values["attractor_ppl_plain"] < 200
+    # a few cosines per pass cannot double the cost of a forward pass
+    assert -50 < values["attractor_overhead_pct"] < 100
+    assert values["attractor_overhead_low"] <= values["attractor_overhead_high"]
+    # recall and repetition changes are what the plain and layer rates say
+    plain, layer = values["attractor_long_recall_plain"], values["attractor_long_recall_layer"]
+    assert 0 <= plain <= 1 and 0 <= layer <= 1
+    if plain > 0:
+        assert math.isclose(values["attractor_long_recall_change_pct"], 100 * (layer / plain - 1), abs_tol=1e-9)
+    assert math.isclose(values["attractor_repetition_change"],
+                        values["attractor_repetition_layer"] - values["attractor_repetition_plain"], abs_tol=1e-9)
+    assert -1 <= values["attractor_repetition_change"] <= 1
+    # comprehension: F1 in [0, 1], and the evidence in the prompt must help the plain model
+    assert 0 <= values["attractor_no_context_f1"] <= values["attractor_context_f1"] <= 1
+    assert values["attractor_context_f1"] > 0
+    assert -100 <= values["attractor_gated_comprehension_change_pct"] <= 1000
+    assert values["attractor_kl_smallest_k"] >= 0 and values["attractor_kl_largest_k"] >= 0
+    for key in ("ppl", "overhead", "long", "gated", "k", "decay", "snap"):
+        assert values[f"attractor_verdict_{key}"] in ("holds", "partly", "does not hold"), key
