@@ -171,4 +171,8 @@ def test_ci_notebook_glued_values():
         assert isinstance(values[name], int) and 0 <= values[name] <= len(lm.METHODS), (name, values[name])
     assert values["latent_n_ci_positive_10x"] <= values["latent_n_positive_10x"]
     assert -1.0 <= values["latent_mean_gap_10x_1x"] <= 1.0
+    # one CI seed gives no interval, so no method-capacity pair can have one above zero
+    assert values["latent_n_content_ci_positive"] == 0
+    assert 0.0 <= values["latent_max_abs_content_gap"] <= 100.0
+    assert 0.0 <= values["latent_acc_max_abs_delta"] <= 100.0
     assert 0 < values["latent_minutes"] <= 3.0  # the CI budget of this chapter (it runs twice in CI)
