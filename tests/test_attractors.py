@@ -217,6 +217,11 @@ def test_ci_run_glues_sane_values():
     assert 0 <= values["attractor_no_context_f1"] <= values["attractor_context_f1"] <= 1
     assert values["attractor_context_f1"] > 0
     assert -100 <= values["attractor_gated_comprehension_change_pct"] <= 1000
+    # the exploratory grid: the best point lies inside its own interval, the counts fit the grid
+    assert values["attractor_grid_best_low"] <= values["attractor_grid_best_change_pct"] <= values["attractor_grid_best_high"]
+    n_grid = values["attractor_grid_n"]
+    assert n_grid == 2 * 1  # params/ci/03.yaml: one feedback strength, with and without gating + burn-in
+    assert 0 <= values["attractor_grid_n_positive"] + values["attractor_grid_n_negative"] <= n_grid
     assert values["attractor_kl_smallest_k"] >= 0 and values["attractor_kl_largest_k"] >= 0
     for key in ("ppl", "overhead", "long", "gated", "k", "decay", "snap"):
         assert values[f"attractor_verdict_{key}"] in ("holds", "partly", "does not hold"), key
