@@ -217,8 +217,14 @@ def test_ci_run_glues_sane_values():
     assert 0 <= values["attractor_no_context_f1"] <= values["attractor_context_f1"] <= 1
     assert values["attractor_context_f1"] > 0
     assert -100 <= values["attractor_gated_comprehension_change_pct"] <= 1000
-    # the exploratory grid: the best point lies inside its own interval, the counts fit the grid
-    assert values["attractor_grid_best_low"] <= values["attractor_grid_best_change_pct"] <= values["attractor_grid_best_high"]
+    # the exploratory grid: the chosen point lies inside its own interval, the counts fit the grid,
+    # and the chosen configuration is re-tested on as many fresh questions as params/ci/03.yaml asks
+    assert values["attractor_grid_chosen_low"] <= values["attractor_grid_chosen_change_pct"] <= values["attractor_grid_chosen_high"]
+    assert values["attractor_confirm_n"] == 4
+    plain, layer = values["attractor_confirm_plain_f1"], values["attractor_confirm_layer_f1"]
+    assert 0 <= plain <= 1 and 0 <= layer <= 1
+    if plain > 0:
+        assert math.isclose(values["attractor_confirm_change_pct"], 100 * (layer / plain - 1), abs_tol=1e-9)
     n_grid = values["attractor_grid_n"]
     assert n_grid == 2 * 1  # params/ci/03.yaml: one feedback strength, with and without gating + burn-in
     assert 0 <= values["attractor_grid_n_positive"] + values["attractor_grid_n_negative"] <= n_grid
