@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .data import locomo_turns
 from .errors import ParameterError
 from .evaluation import normalise_answer, token_f1
 from .models import transformer_blocks
@@ -378,11 +379,7 @@ def locomo_items(conversations, n_items: int, categories=(4,), seed: int = 0) ->
     random (seeded) from questions of ``categories`` whose evidence turns all exist."""
     pool = []
     for conversation in conversations:
-        turns = {}
-        for key, value in conversation["conversation"].items():
-            if key.startswith("session_") and isinstance(value, list):
-                for turn in value:
-                    turns[turn["dia_id"]] = f"{turn['speaker']}: {turn['text']}"
+        turns = {dia_id: text for dia_id, _, text in locomo_turns(conversation)}
         for qa in conversation["qa"]:
             if qa.get("category") not in categories or "answer" not in qa:
                 continue

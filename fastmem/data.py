@@ -40,6 +40,15 @@ def load_locomo(data_dir: Path | str = DATA_DIR) -> list[dict]:
     return json.loads(data_file("locomo/locomo10.json", data_dir).read_text(encoding="utf-8"))
 
 
+def locomo_turns(conversation: dict) -> list[tuple[str, int, str]]:
+    """One LoCoMo conversation's turns in order, as (dia_id, session number, "Speaker: text") (chapters 3 and 4)."""
+    sessions = conversation["conversation"]
+    numbers = sorted(int(key.split("_")[1]) for key, value in sessions.items()
+                     if key.startswith("session_") and isinstance(value, list))
+    return [(turn["dia_id"], number, f"{turn['speaker']}: {turn['text']}")
+            for number in numbers for turn in sessions[f"session_{number}"]]
+
+
 def load_wikitext(split: str = "test", data_dir: Path | str = DATA_DIR) -> str:
     """The raw WikiText-2 text of ``split`` ('test' or 'valid') as one string (chapter 3)."""
     if split not in ("test", "valid"):

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import locomo_turns
 from .errors import ParameterError
 from .evaluation import normalise_answer, token_f1
 from .models import final_norm, input_embedding, output_embedding, transformer_blocks
@@ -106,16 +107,9 @@ def locomo_conversations(data: list[dict], max_turns: int = 0) -> list[Conversat
     """
     out = []
     for conv in data:
-        c = conv["conversation"]
-        sessions = sorted(int(k.split("_")[1]) for k in c if k.startswith("session_") and isinstance(c[k], list))
-        turns, sess, index = [], [], {}
-        for s in sessions:
-            for turn in c[f"session_{s}"]:
-                if max_turns and len(turns) >= max_turns:
-                    break
-                index[turn["dia_id"]] = len(turns)
-                turns.append(f"{turn['speaker']}: {turn['text']}")
-                sess.append(s)
+        kept = locomo_turns(conv)[:max_turns] if max_turns else locomo_turns(conv)
+        index = {dia_id: i for i, (dia_id, _, _) in enumerate(kept)}
+        turns, sess = [text for _, _, text in kept], [session for _, session, _ in kept]
         questions = []
         for q in conv["qa"]:
             evidence = [index[e.strip()] for e in q.get("evidence", []) if e.strip() in index]
@@ -810,7 +804,8 @@ def train_adapter(adapter: LatentAdapter, backbone, groups: list[dict], *, epoch
     """Train the adapter only (chapter 4): AdamW, linear warm-up then cosine, gradient clipping.
 
     ``groups``: one per training conversation, ``{"batch": QuestionBatch (teacher forcing),
-    "bank": bank after the whole conversation, "turn_states": ..., "bank_before_window": ...}``.
+    "bank": bank after the whole conversation}``; in the ablation ``"bank_before_window"`` and
+    ``"window_states"`` (the states of the turns re-written with gradient) replace ``"bank"``.
     Writes carry no gradient, so with frozen write projections the banks are fixed inputs. In the
     ablation (``adapter.train_write``) the last ``window`` turns are re-written with gradient every
     step onto the detached bank before them: truncated back-propagation over ``window`` turns.

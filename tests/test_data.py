@@ -43,3 +43,16 @@ def test_unknown_split_is_refused():
 def test_licences_ship_with_the_data():
     for folder in ("locomo", "wikitext-2"):
         assert (data.DATA_DIR / folder / "LICENSE.txt").stat().st_size > 200
+
+
+def test_locomo_turns_keep_every_turn_in_session_order():
+    for conversation in data.load_locomo():
+        turns = data.locomo_turns(conversation)
+        sessions = [value for key, value in conversation["conversation"].items()
+                    if key.startswith("session_") and isinstance(value, list)]
+        assert len(turns) == sum(map(len, sessions))
+        numbers = [number for _, number, _ in turns]
+        assert numbers == sorted(numbers) and numbers[0] == 1
+        assert len({dia_id for dia_id, _, _ in turns}) == len(turns)
+        first = conversation["conversation"]["session_1"][0]
+        assert turns[0][2] == f"{first['speaker']}: {first['text']}"
