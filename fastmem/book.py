@@ -121,21 +121,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1,
                         help="chapters executed at once (each kernel should then use fewer threads: OMP_NUM_THREADS)")
     args = parser.parse_args(argv)
-    notebooks = [Path(n) for n in args.notebooks] or chapter_notebooks()
+    # Absolute paths before anything runs: papermill changes the working directory while it executes.
+    notebooks = [Path(n).resolve() for n in args.notebooks] or chapter_notebooks()
+    params = str(Path(args.params).resolve()) if args.params.endswith((".yaml", ".yml")) else args.params
+    out = str(Path(args.out).resolve()) if args.out else None
     if args.jobs < 1:
         print(f"error: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
         return 1
     if args.jobs == 1:
         for notebook in notebooks:
-            error = _run_one(notebook, args.params, args.out)
+            error = _run_one(notebook, params, out)
             if error:
                 print(error, file=sys.stderr)
                 return 1
         return 0
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor
 
-    with ThreadPoolExecutor(args.jobs) as pool:
-        errors = [e for e in pool.map(lambda nb: _run_one(nb, args.params, args.out), notebooks) if e]
+    # Processes, not threads: the working directory papermill sets is shared by every thread of a process.
+    with ProcessPoolExecutor(args.jobs) as pool:
+        errors = [e for e in pool.map(_run_one, notebooks, [params] * len(notebooks), [out] * len(notebooks)) if e]
     for error in errors:
         print(error, file=sys.stderr)
     return 1 if errors else 0

@@ -108,3 +108,21 @@ def test_glued_values_reads_what_myst_nb_writes(tmp_path):
     nbformat.write(nb, str(path))
     execute(path, out)
     assert glued_values(out) == {"x": 0.25, "name": "iterated"}
+
+
+def test_parallel_chapters_land_in_the_relative_out_folder(tmp_path):
+    """--jobs runs chapters at once; each must be written where --out says, relative to the caller."""
+    (tmp_path / "chapters").mkdir()
+    names = ("a", "b", "c", "d")
+    for name, seconds in zip(names, (0.5, 3, 0.5, 0.5)):  # chapters that overlap in time
+        nb = nbformat.v4.new_notebook()
+        nb.cells.append(nbformat.v4.new_code_cell(f"import time\ntime.sleep({seconds})"))
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, str(tmp_path / "chapters" / f"{name}.ipynb"))
+    result = subprocess.run([sys.executable, "-m", "fastmem.book", *(f"chapters/{n}.ipynb" for n in names),
+                             "--out", "executed", "--jobs", "2"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "executed").iterdir()) == [f"{n}.ipynb" for n in names]
+    assert not (tmp_path / "chapters" / "executed").exists()
+
