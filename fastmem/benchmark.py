@@ -7,10 +7,12 @@ interval comes with each change:
 
 - perplexity on held-out text with the standard sliding window (:func:`perplexity`);
 - compute overhead, timed side by side (:func:`overhead`);
-- long generation: repetition (:func:`repeated_ngram_rate`, :func:`distinct_n`), drift from the
-  prompt's topic (:class:`TopicScorer`) and a long-range recall probe (:func:`long_generation_probe`);
+- long generation: repetition (:func:`fastmem.evaluation.repeated_ngram_rate`,
+  :func:`fastmem.evaluation.distinct_n`), drift from the prompt's topic (:class:`TopicScorer`) and a
+  long-range recall probe (:func:`long_generation_probe`, probes from
+  :func:`fastmem.data.load_recall_probes`);
 - short comprehension: LoCoMo questions with their evidence turns in the prompt, token F1
-  (:func:`locomo_items`, :func:`comprehension`).
+  (:func:`fastmem.data.locomo_items`, :func:`comprehension`).
 
 A *memory* is anything with ``attach()`` / ``detach()`` (and ``reset()``, called before every
 independent episode), or a context manager; ``None`` is the plain model. A memory that keeps one
@@ -23,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import random
 import time
 from dataclasses import dataclass
 
@@ -31,9 +32,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import locomo_turns
+from . import stats
+from .data import RecallProbe
 from .errors import ParameterError
-from .evaluation import normalise_answer, token_f1
+from .evaluation import distinct_n, normalise_answer, repeated_ngram_rate, token_f1
+from .generation import chat, generate, left_padded
 from .models import transformer_blocks
 
 
@@ -122,13 +125,12 @@ def perplexity(model, token_ids, window: int = 512, stride: int = 256, batch_siz
 
 def perplexity_change(plain: dict, other: dict, n_boot: int = 2000, seed: int = 0) -> dict:
     """Change of perplexity in percent with a paired bootstrap interval over windows (chapter 3)."""
-    rng = np.random.default_rng(seed)
-    n = len(plain["nll"])
-    picks = rng.integers(0, n, size=(n_boot, n))
-    tokens = plain["tokens"][picks].sum(1)
-    boot = 100 * (np.exp((other["nll"][picks].sum(1) - plain["nll"][picks].sum(1)) / tokens) - 1)
-    point = 100 * (other["ppl"] / plain["ppl"] - 1)
-    return {"change_pct": point, "low": float(np.quantile(boot, 0.025)), "high": float(np.quantile(boot, 0.975))}
+    def change(picks):
+        tokens = plain["tokens"][picks].sum(1)
+        return 100 * (np.exp((other["nll"][picks].sum(1) - plain["nll"][picks].sum(1)) / tokens) - 1)
+
+    low, high = stats.paired_bootstrap(change, len(plain["nll"]), n_boot, seed)
+    return {"change_pct": 100 * (other["ppl"] / plain["ppl"] - 1), "low": low, "high": high}
 
 
 # ---------------------------------------------------------------------------- overhead
@@ -167,41 +169,19 @@ def overhead(model, token_ids, memory, repeats: int = 7, decode_steps: int = 16,
     for _ in tqdm(range(repeats), desc="overhead", disable=not progress, leave=False):
         one_run(False)
         one_run(True)
-    picks = np.random.default_rng(seed).integers(0, repeats, size=(n_boot, repeats))
     result = {}
     for kind in ("forward", "decode"):
         plain, mem = np.array(times[(kind, False)]), np.array(times[(kind, True)])
-        boot = 100 * (np.median(mem[picks], axis=1) / np.median(plain[picks], axis=1) - 1)
+        low, high = stats.paired_bootstrap(
+            lambda picks: 100 * (np.median(mem[picks], axis=1) / np.median(plain[picks], axis=1) - 1),
+            repeats, n_boot, seed)
         result[kind] = {"plain_s": float(np.median(plain)), "memory_s": float(np.median(mem)),
                         "overhead_pct": float(100 * (np.median(mem) / np.median(plain) - 1)),
-                        "low": float(np.quantile(boot, 0.025)), "high": float(np.quantile(boot, 0.975)),
-                        "plain_times": plain.tolist(), "memory_times": mem.tolist()}
+                        "low": low, "high": high, "plain_times": plain.tolist(), "memory_times": mem.tolist()}
     return result
 
 
-# ---------------------------------------------------------------------------- repetition and drift
-def _ngrams(tokens, n: int) -> list[tuple]:
-    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
-
-
-def repeated_ngram_rate(tokens, n: int = 4) -> float:
-    """Share of the n-grams of a sequence that already occurred earlier in it (0: none repeats; chapter 3)."""
-    grams = _ngrams(list(tokens), n)
-    if not grams:
-        return float("nan")
-    seen, repeats = set(), 0
-    for gram in grams:
-        repeats += gram in seen
-        seen.add(gram)
-    return repeats / len(grams)
-
-
-def distinct_n(tokens, n: int = 2) -> float:
-    """Distinct-n: unique n-grams over all n-grams (1: no n-gram repeats; chapter 3)."""
-    grams = _ngrams(list(tokens), n)
-    return len(set(grams)) / len(grams) if grams else float("nan")
-
-
+# ---------------------------------------------------------------------------- drift
 class TopicScorer:
     """Topic similarity of texts: cosine of mean-pooled hidden states of the plain model at one
     layer, centred on the mean state of reference text (without centring, any two pooled states
@@ -231,88 +211,21 @@ class TopicScorer:
 
 
 # ---------------------------------------------------------------------------- generation
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, memory=None, *, sample: bool = False,
-             temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, min_new_tokens: int = 0,
-             keep_state: bool = False) -> list[list[int]]:
-    """Continue ``prompts`` (a batch, left-padded) and return the new token ids of each (chapter 3).
+def generate_with_memory(model, tokenizer, prompts: list[str], max_new_tokens: int, memory=None, *,
+                         keep_state: bool = False, **options) -> list[list[int]]:
+    """:func:`fastmem.generation.generate` with ``memory`` attached, one state per prompt (chapter 3).
 
-    One state per prompt: the memory is reset with ``n_streams=len(prompts)`` unless
-    ``keep_state``. Sampling is seeded, so plain and memory runs draw the same random numbers.
+    The memory is reset with ``n_streams=len(prompts)`` unless ``keep_state``; ``options`` are
+    those of :func:`fastmem.generation.generate` (sampling is seeded there, after the memory is
+    attached, so plain and memory runs draw the same random numbers).
     """
-    tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     if not keep_state:
         reset_memory(memory, n_streams=len(prompts))
-    torch.manual_seed(seed)
-    options = dict(do_sample=sample, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                   pad_token_id=tokenizer.pad_token_id)
-    if sample:
-        options.update(temperature=temperature, top_p=top_p, top_k=0)
-    else:
-        options.update(temperature=None, top_p=None, top_k=None)
     with memory_attached(memory):
-        out = model.generate(**batch, **options)
-    new = out[:, batch.input_ids.shape[1]:]
-    stops = {tokenizer.pad_token_id, tokenizer.eos_token_id, model.generation_config.eos_token_id} - {None}
-    results = []
-    for row in new.tolist():
-        cut = next((i for i, token in enumerate(row) if token in stops and i >= min_new_tokens), len(row))
-        results.append(row[:cut])
-    return results
+        return generate(model, tokenizer, prompts, max_new_tokens, **options)
 
 
-def chat(tokenizer, turns: list[tuple[str, str]]) -> str:
-    """A chat prompt from (role, text) turns, ending with the assistant's turn opened (chapter 3)."""
-    messages = [{"role": role, "content": text} for role, text in turns]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-
-@dataclass(frozen=True)
-class RecallProbe:
-    """Facts stated at the start, a long writing task, then questions about the facts (chapter 3)."""
-
-    facts: str
-    topic: str
-    questions: tuple[tuple[str, str], ...]
-
-
-LONG_PROBES = (
-    RecallProbe("Mira's cat is named Pepper. Mira lives in Tromso. Mira plays the cello.",
-                "the history of lighthouses and the people who kept them",
-                (("What is the name of Mira's cat?", "Pepper"), ("In which city does Mira live?", "Tromso"),
-                 ("Which instrument does Mira play?", "cello"))),
-    RecallProbe("Tomas drives a green tractor. Tomas was born in Quito. Tomas's sister is called Ines.",
-                "how volcanoes form and why they erupt",
-                (("What colour is Tomas's tractor?", "green"), ("Where was Tomas born?", "Quito"),
-                 ("What is the name of Tomas's sister?", "Ines"))),
-    RecallProbe("Leah's favourite fruit is mango. Leah works as a pilot. Leah's dog is called Rufus.",
-                "the invention of the printing press and its effects on Europe",
-                (("What is Leah's favourite fruit?", "mango"), ("What is Leah's job?", "pilot"),
-                 ("What is the name of Leah's dog?", "Rufus"))),
-    RecallProbe("Omar collects old stamps. Omar's car is blue. Omar lives in Nairobi.",
-                "how bees make honey and organise their hives",
-                (("What does Omar collect?", "stamps"), ("What colour is Omar's car?", "blue"),
-                 ("In which city does Omar live?", "Nairobi"))),
-    RecallProbe("Greta's brother is named Lars. Greta teaches chemistry. Greta's bike is red.",
-                "the exploration of the deep ocean",
-                (("What is the name of Greta's brother?", "Lars"), ("Which subject does Greta teach?", "chemistry"),
-                 ("What colour is Greta's bike?", "red"))),
-    RecallProbe("Ravi grows tomatoes. Ravi's parrot is called Kiwi. Ravi moved to Oslo.",
-                "the building of the first railways",
-                (("What does Ravi grow?", "tomatoes"), ("What is the name of Ravi's parrot?", "Kiwi"),
-                 ("Where did Ravi move to?", "Oslo"))),
-    RecallProbe("Nadia's horse is called Comet. Nadia works as a nurse. Nadia lives in Porto.",
-                "how glaciers shape mountains and valleys",
-                (("What is the name of Nadia's horse?", "Comet"), ("What is Nadia's job?", "nurse"),
-                 ("Where does Nadia live?", "Porto"))),
-    RecallProbe("Felix plays chess every day. Felix's house is yellow. Felix's daughter is called Ada.",
-                "the life cycle of stars",
-                (("Which game does Felix play every day?", "chess"), ("What colour is Felix's house?", "yellow"),
-                 ("What is the name of Felix's daughter?", "Ada"))),
-)
-
-
+# ---------------------------------------------------------------------------- long-generation probe
 def _probe_request(probe: RecallProbe) -> str:
     return f"Remember these facts: {probe.facts} Now write a long, detailed essay about {probe.topic}."
 
@@ -346,8 +259,8 @@ def long_generation_probe(model, tokenizer, probes, memory=None, n_tokens: int =
     for start in tqdm(range(0, len(probes), batch_size), desc="long generation", disable=not progress, leave=False):
         group = probes[start:start + batch_size]
         prompts = [probe_prompt(tokenizer, p) for p in group]
-        essays = generate(model, tokenizer, prompts, n_tokens, memory, sample=True, seed=seed + start,
-                          min_new_tokens=n_tokens)
+        essays = generate_with_memory(model, tokenizer, prompts, n_tokens, memory, sample=True, seed=seed + start,
+                                      min_new_tokens=n_tokens)
         for probe, essay in zip(group, essays):
             rows["repeat"].append(repeated_ngram_rate(essay, ngram))
             rows["distinct2"].append(distinct_n(essay, 2))
@@ -362,7 +275,8 @@ def long_generation_probe(model, tokenizer, probes, memory=None, n_tokens: int =
             recall_prompts.append(chat(tokenizer, [
                 ("user", _probe_request(probe)), ("assistant", tokenizer.decode(essay, skip_special_tokens=True)),
                 ("user", f"Answer from the facts I gave you at the start. {questions}")]))
-        answers = generate(model, tokenizer, recall_prompts, answer_tokens, memory, keep_state=memory is not None)
+        answers = generate_with_memory(model, tokenizer, recall_prompts, answer_tokens, memory,
+                                       keep_state=memory is not None)
         for probe, answer in zip(group, answers):
             text = tokenizer.decode(answer, skip_special_tokens=True)
             rows["answers"].append(text)
@@ -373,30 +287,10 @@ def long_generation_probe(model, tokenizer, probes, memory=None, n_tokens: int =
 
 
 # ---------------------------------------------------------------------------- comprehension
-def locomo_items(conversations, n_items: int, categories=(4,), seed: int = 0) -> list[dict]:
-    """Short comprehension items from LoCoMo (chapter 3, measurement 4): a question with its
-    evidence turns ("Speaker: text" lines) in the prompt, and the gold answer. Items are drawn at
-    random (seeded) from questions of ``categories`` whose evidence turns all exist."""
-    pool = []
-    for conversation in conversations:
-        turns = {dia_id: text for dia_id, _, text in locomo_turns(conversation)}
-        for qa in conversation["qa"]:
-            if qa.get("category") not in categories or "answer" not in qa:
-                continue
-            evidence = [e.strip() for e in qa.get("evidence", [])]
-            if not evidence or not all(e in turns for e in evidence):
-                continue
-            pool.append({"question": qa["question"], "answer": str(qa["answer"]),
-                         "evidence": "\n".join(turns[e] for e in evidence),
-                         "conversation": conversation["sample_id"]})
-    random.Random(seed).shuffle(pool)
-    return pool[:n_items]
-
-
 def comprehension_prompt(tokenizer, item: dict, with_evidence: bool = True) -> str:
-    """A LoCoMo question, with or without its evidence turns, as a chat prompt (chapter 3)."""
+    """A LoCoMo item (:func:`fastmem.data.locomo_items`), with or without its evidence, as a chat prompt (chapter 3)."""
     if with_evidence:
-        text = f"Conversation excerpt:\n{item['evidence']}\n\nQuestion: {item['question']} Answer in a few words."
+        text = f"Conversation excerpt:\n{item['evidence_text']}\n\nQuestion: {item['question']} Answer in a few words."
     else:
         text = f"Question: {item['question']} Answer in a few words."
     return chat(tokenizer, [("user", text)])
@@ -419,13 +313,11 @@ def comprehension(model, tokenizer, items: list[dict], memory=None, *, with_evid
         keep = False
         if preload_evidence and memory is not None:
             reset_memory(memory, n_streams=len(group))
-            tokenizer.padding_side = "left"
-            batch = tokenizer([chat(tokenizer, [("user", item["evidence"])]) for item in group], return_tensors="pt",
-                              padding=True, add_special_tokens=False)
+            batch = left_padded(tokenizer, [chat(tokenizer, [("user", item["evidence_text"])]) for item in group])
             with memory_attached(memory):
                 model(**batch)
             keep = True
-        outputs = generate(model, tokenizer, prompts, answer_tokens, memory, keep_state=keep)
+        outputs = generate_with_memory(model, tokenizer, prompts, answer_tokens, memory, keep_state=keep)
         for item, output in zip(group, outputs):
             text = tokenizer.decode(output, skip_special_tokens=True).strip()
             answers.append(text)
@@ -484,22 +376,6 @@ def run_suite(model, tokenizer, suite: Suite, memory=None, baseline: dict | None
     return result
 
 
-def paired_change(plain, other, relative: bool, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Change (other - plain) of a mean, absolute or in percent of the plain mean, with a paired
-    bootstrap 95% interval over items (chapter 3)."""
-    plain, other = np.asarray(plain, float), np.asarray(other, float)
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(plain), size=(n_boot, len(plain)))
-    p, o = plain[picks].mean(1), other[picks].mean(1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        boot = 100 * (o - p) / p if relative else o - p
-        point = 100 * (other.mean() - plain.mean()) / plain.mean() if relative else other.mean() - plain.mean()
-    boot = boot[np.isfinite(boot)]
-    low, high = (np.quantile(boot, [0.025, 0.975]) if boot.size else (float("nan"), float("nan")))
-    return {"plain": float(plain.mean()), "memory": float(other.mean()), "change": float(point),
-            "low": float(low), "high": float(high)}
-
-
 def summarise(result: dict, baseline: dict | None = None) -> "pandas.DataFrame":
     """One row per metric: plain, memory, change and its 95% interval (percent where noted; chapter 3)."""
     import pandas as pd
@@ -524,17 +400,16 @@ def summarise(result: dict, baseline: dict | None = None) -> "pandas.DataFrame":
                  ("topic drift (first - last chunk)", "drift", False), ("long-range recall", "recall_per_probe", True)]
         for name, key, relative in specs:
             if b[key]:
-                c = paired_change(b[key], r[key], relative)
+                c = stats.paired_change(b[key], r[key], relative)
                 rows.append({"metric": name, "unit": "% change" if relative else "absolute change", "plain": c["plain"],
                              "memory": c["memory"], "change": c["change"], "low": c["low"], "high": c["high"]})
     if "comprehension" in result:
-        c = paired_change(baseline["comprehension"]["f1"], result["comprehension"]["f1"], True)
+        c = stats.paired_change(baseline["comprehension"]["f1"], result["comprehension"]["f1"], True)
         rows.append({"metric": "comprehension token F1", "unit": "% change", "plain": c["plain"], "memory": c["memory"],
                      "change": c["change"], "low": c["low"], "high": c["high"]})
     return pd.DataFrame(rows)
 
 
 __all__ = ["memory_attached", "reset_memory", "sliding_windows", "perplexity", "perplexity_change", "overhead",
-           "repeated_ngram_rate", "distinct_n", "TopicScorer", "generate", "chat", "RecallProbe", "LONG_PROBES",
-           "long_generation_probe", "locomo_items", "comprehension", "Suite", "run_suite", "paired_change",
-           "summarise"]
+           "TopicScorer", "generate_with_memory", "probe_prompt", "long_generation_probe", "comprehension_prompt",
+           "comprehension", "Suite", "run_suite", "summarise"]

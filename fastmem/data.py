@@ -1,19 +1,27 @@
 """Vendored data sets, checked against recorded checksums (book page "Data and licences").
 
-The repository ships LoCoMo and WikiText-2 under ``data/`` with their licences; ``data/SHA256SUMS``
-records each file's checksum, and every loader verifies it before returning anything.
+The repository ships LoCoMo, WikiText-2 and chapter 3's recall probes under ``data/`` with their
+licences; ``data/SHA256SUMS`` records each file's checksum, and every loader verifies it before
+returning anything. This is the one reader per data set: LoCoMo's turns and questions (with the
+one rule for missing evidence, :func:`locomo_questions`) are read here for chapters 3 and 4.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+
+import numpy as np
 
 from .errors import DataError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+LOCOMO_CATEGORIES = {1: "multi-hop", 2: "temporal", 3: "open-domain", 4: "single-hop", 5: "adversarial"}
+ADVERSARIAL_ANSWER = "Not mentioned in the conversation"
 
 
 def data_file(relative: str, data_dir: Path | str = DATA_DIR) -> Path:
@@ -47,6 +55,119 @@ def locomo_turns(conversation: dict) -> list[tuple[str, int, str]]:
                      if key.startswith("session_") and isinstance(value, list))
     return [(turn["dia_id"], number, f"{turn['speaker']}: {turn['text']}")
             for number in numbers for turn in sessions[f"session_{number}"]]
+
+
+def locomo_questions(conversation: dict, turns: list[tuple[str, int, str]], *,
+                     complete_evidence: bool = False) -> list[dict]:
+    """The questions of one LoCoMo conversation about ``turns``, in the data's order (chapters 3 and 4).
+
+    The one rule for evidence: an evidence id is valid if, stripped of spaces, it is the
+    ``dia_id`` of one of ``turns``. Every question records ``evidence``, the indices into ``turns``
+    of its valid ids (in the order of the ids), and ``missing_evidence``, how many ids are not
+    valid (LoCoMo has a few malformed ids, and ``turns`` may be a conversation's first turns only).
+    A question with no valid evidence is excluded: nothing in ``turns`` supports it. A caller that
+    needs all of a question's evidence (chapter 3 puts it into the prompt) passes
+    ``complete_evidence=True``, which also excludes every question with a missing id.
+
+    Each question also has ``answer`` (adversarial questions, category 5, have no gold answer:
+    theirs is :data:`ADVERSARIAL_ANSWER`), ``category``, ``lag`` (a question is asked after all of
+    ``turns``, so its lag is ``len(turns) - min(evidence)``) and the conversation's ``sample_id``.
+    """
+    index = {dia_id: i for i, (dia_id, _, _) in enumerate(turns)}
+    questions = []
+    for qa in conversation["qa"]:
+        ids = [e.strip() for e in qa.get("evidence", [])]
+        evidence = [index[e] for e in ids if e in index]
+        missing = len(ids) - len(evidence)
+        if not evidence or (complete_evidence and missing):
+            continue
+        answer = qa.get("answer")
+        answer = ADVERSARIAL_ANSWER if answer is None or qa["category"] == 5 else str(answer)
+        questions.append({"question": qa["question"], "answer": answer, "category": int(qa["category"]),
+                          "evidence": evidence, "missing_evidence": missing, "lag": len(turns) - min(evidence),
+                          "sample_id": conversation["sample_id"]})
+    return questions
+
+
+@dataclass
+class Conversation:
+    """One LoCoMo conversation as a flat list of turns and its questions (chapters 3 and 4)."""
+
+    sample_id: str
+    turns: list[str]
+    session_of_turn: list[int]
+    questions: list[dict] = field(default_factory=list)
+
+    @property
+    def n_sessions(self) -> int:
+        """Number of sessions in the conversation (chapter 4)."""
+        return max(self.session_of_turn) if self.session_of_turn else 0
+
+    def session_ends(self) -> list[int]:
+        """Number of turns written after each session 1..n_sessions (chapter 4, accumulation table)."""
+        ends, count = [], 0
+        for s in range(1, self.n_sessions + 1):
+            count += sum(1 for x in self.session_of_turn if x == s)
+            ends.append(count)
+        return ends
+
+
+def locomo_conversations(data: list[dict], max_turns: int = 0, *,
+                         complete_evidence: bool = False) -> list[Conversation]:
+    """Flatten LoCoMo into turns ("Speaker: text") and their questions (chapters 3 and 4).
+
+    ``max_turns`` > 0 keeps only each conversation's first turns, and so only the questions with
+    evidence among them; which questions are kept is :func:`locomo_questions`'s rule.
+    """
+    out = []
+    for conversation in data:
+        turns = locomo_turns(conversation)[:max_turns] if max_turns else locomo_turns(conversation)
+        out.append(Conversation(conversation["sample_id"], [text for _, _, text in turns],
+                                [session for _, session, _ in turns],
+                                locomo_questions(conversation, turns, complete_evidence=complete_evidence)))
+    return out
+
+
+def sample_questions(convs: list[Conversation], n: int | None, seed: int) -> list[dict]:
+    """A fixed random sample of ``n`` questions, spread evenly over ``convs`` (all when None; chapter 4)."""
+    rng = np.random.default_rng(seed)
+    if n is None:
+        return [q for c in convs for q in c.questions]
+    per = [n // len(convs) + (i < n % len(convs)) for i in range(len(convs))]
+    chosen = []
+    for c, k in zip(convs, per):
+        idx = rng.permutation(len(c.questions))[: min(k, len(c.questions))]
+        chosen += [c.questions[i] for i in sorted(idx)]
+    return chosen
+
+
+def locomo_items(data: list[dict], n_items: int, categories=(4,), seed: int = 0) -> list[dict]:
+    """Short comprehension items from LoCoMo (chapter 3, measurement 4), drawn at random (seeded).
+
+    An item is a question of ``categories`` whose evidence turns all exist, with those turns as
+    ``evidence_text`` ("Speaker: text" lines, in the order of the evidence ids) for the prompt.
+    """
+    pool = [{**q, "evidence_text": "\n".join(c.turns[i] for i in q["evidence"])}
+            for c in locomo_conversations(data, complete_evidence=True)
+            for q in c.questions if q["category"] in categories]
+    random.Random(seed).shuffle(pool)
+    return pool[:n_items]
+
+
+@dataclass(frozen=True)
+class RecallProbe:
+    """Facts stated at the start, a long writing task, then questions about the facts (chapter 3)."""
+
+    facts: str
+    topic: str
+    questions: tuple[tuple[str, str], ...]
+
+
+def load_recall_probes(data_dir: Path | str = DATA_DIR) -> tuple[RecallProbe, ...]:
+    """Chapter 3's long-generation recall probes, in the file's order (invented facts; chapter 3)."""
+    probes = json.loads(data_file("probes/long_recall.json", data_dir).read_text(encoding="utf-8"))
+    return tuple(RecallProbe(p["facts"], p["topic"], tuple((q["question"], q["answer"]) for q in p["questions"]))
+                 for p in probes)
 
 
 def load_wikitext(split: str = "test", data_dir: Path | str = DATA_DIR) -> str:

@@ -1,7 +1,9 @@
-"""Scoring shared by the chapters: answer matching, token F1, bootstrap confidence intervals."""
+"""Scoring shared by the chapters: answer matching, token F1, BM25 retrieval, repetition of
+generated text, bootstrap confidence intervals."""
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter
@@ -40,22 +42,49 @@ def token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def bootstrap_ci(values, groups=None, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and percentile bootstrap interval of ``values`` (all chapters).
+def answer_f1(predictions: list[str], questions: list[dict]) -> np.ndarray:
+    """SQuAD/LoCoMo token F1 of each prediction against its gold answer (chapter 4)."""
+    return np.array([token_f1(p, q["answer"]) for p, q in zip(predictions, questions)])
 
-    With ``groups`` (for example the run seed of each value), rows are resampled within each
-    group, so that every resample keeps each seed's share of the data.
-    """
-    values = np.asarray(values, dtype=float)
-    if values.size == 0:
-        return (float("nan"), float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    groups = np.zeros(len(values), dtype=int) if groups is None else np.asarray(groups)
-    means = np.zeros(n_boot)
-    for group in np.unique(groups):
-        members = values[groups == group]
-        picks = rng.integers(0, len(members), size=(n_boot, len(members)))
-        means += members[picks].sum(axis=1)
-    means /= len(values)
-    tail = (1 - level) / 2
-    return float(values.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+def bm25_top_k(query: str, docs: list[str], k: int, k1: float = 1.5, b: float = 0.75) -> list[int]:
+    """Indices of the ``k`` best BM25 matches of ``query`` among ``docs``, in turn order (chapter 4)."""
+    toks = [normalise_answer(d) for d in docs]
+    n, avg = len(toks), max(1e-9, sum(map(len, toks)) / max(1, len(toks)))
+    df: dict[str, int] = {}
+    for t in toks:
+        for w in set(t):
+            df[w] = df.get(w, 0) + 1
+    scores = np.zeros(n)
+    for w in set(normalise_answer(query)):
+        if w not in df:
+            continue
+        idf = math.log(1 + (n - df[w] + 0.5) / (df[w] + 0.5))
+        for i, t in enumerate(toks):
+            tf = t.count(w)
+            if tf:
+                scores[i] += idf * tf * (k1 + 1) / (tf + k1 * (1 - b + b * len(t) / avg))
+    top = np.argsort(-scores, kind="stable")[:k]
+    return sorted(int(i) for i in top)
+
+
+def _ngrams(tokens, n: int) -> list[tuple]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def repeated_ngram_rate(tokens, n: int = 4) -> float:
+    """Share of the n-grams of a sequence that already occurred earlier in it (0: none repeats; chapter 3)."""
+    grams = _ngrams(list(tokens), n)
+    if not grams:
+        return float("nan")
+    seen, repeats = set(), 0
+    for gram in grams:
+        repeats += gram in seen
+        seen.add(gram)
+    return repeats / len(grams)
+
+
+def distinct_n(tokens, n: int = 2) -> float:
+    """Distinct-n: unique n-grams over all n-grams (1: no n-gram repeats; chapter 3)."""
+    grams = _ngrams(list(tokens), n)
+    return len(set(grams)) / len(grams) if grams else float("nan")

@@ -41,7 +41,7 @@ def test_unknown_split_is_refused():
 
 
 def test_licences_ship_with_the_data():
-    for folder in ("locomo", "wikitext-2"):
+    for folder in ("locomo", "probes", "wikitext-2"):
         assert (data.DATA_DIR / folder / "LICENSE.txt").stat().st_size > 200
 
 
@@ -56,3 +56,67 @@ def test_locomo_turns_keep_every_turn_in_session_order():
         assert len({dia_id for dia_id, _, _ in turns}) == len(turns)
         first = conversation["conversation"]["session_1"][0]
         assert turns[0][2] == f"{first['speaker']}: {first['text']}"
+
+
+CONVERSATION = {
+    "sample_id": "conv-x",
+    "conversation": {
+        "session_1_date_time": "1 May 2023",
+        "session_1": [{"speaker": "Ann", "dia_id": "D1:1", "text": "I moved to Lisbon."},
+                      {"speaker": "Bob", "dia_id": "D1:2", "text": "I adopted a dog called Rex."}],
+        "session_2": [{"speaker": "Ann", "dia_id": "D2:1", "text": "I paint on weekends."}],
+    },
+    "qa": [
+        {"question": "Where did Ann move?", "answer": "Lisbon", "evidence": ["D1:1"], "category": 4},
+        {"question": "What does Ann do?", "answer": "paint", "evidence": ["D9:9", " D2:1"], "category": 1},
+        {"question": "Who is Rex?", "answer": "a dog", "evidence": ["D:1:2", "D7:1"], "category": 4},
+        {"question": "Did Bob move?", "adversarial_answer": "yes", "evidence": ["D1:2"], "category": 5},
+    ],
+}
+
+
+def test_one_rule_for_missing_locomo_evidence():
+    questions = data.locomo_questions(CONVERSATION, data.locomo_turns(CONVERSATION))
+    # one missing and one valid id: kept, with the valid turn and the count of missing ids; all missing: excluded
+    assert [q["question"] for q in questions] == ["Where did Ann move?", "What does Ann do?", "Did Bob move?"]
+    assert [(q["evidence"], q["missing_evidence"]) for q in questions] == [([0], 0), ([2], 1), ([1], 0)]
+    assert [q["lag"] for q in questions] == [3, 1, 2]
+    assert questions[2]["answer"] == data.ADVERSARIAL_ANSWER
+    complete = data.locomo_questions(CONVERSATION, data.locomo_turns(CONVERSATION), complete_evidence=True)
+    assert [q["question"] for q in complete] == ["Where did Ann move?", "Did Bob move?"]
+    # a conversation cut short: evidence after the cut is missing
+    (cut,) = data.locomo_conversations([CONVERSATION], max_turns=2)
+    assert cut.turns == ["Ann: I moved to Lisbon.", "Bob: I adopted a dog called Rex."] and cut.session_ends() == [2]
+    assert [(q["question"], q["missing_evidence"]) for q in cut.questions] == [("Where did Ann move?", 0),
+                                                                               ("Did Bob move?", 0)]
+
+
+def test_both_chapters_question_sets():
+    locomo = data.load_locomo()
+    convs = data.locomo_conversations(locomo)
+    assert sum(len(c.questions) for c in convs) == 1977
+    assert sum(q["missing_evidence"] > 0 for c in convs for q in c.questions) == 4
+    # chapter 4: the test and training samples of params/default/04.yaml
+    test_q = data.sample_questions(convs[7:], 60, seed=1234)
+    assert len(test_q) == 60 and test_q[0]["question"] == "What places give Deborah peace?"
+    assert len(data.sample_questions(convs[:7], 112, seed=4321)) == 112
+    # chapter 3: single-hop items with all their evidence, in the prompt
+    items = data.locomo_items(locomo, 10_000, categories=(4,), seed=0)
+    assert len(items) == 840 and all(q["missing_evidence"] == 0 and q["category"] == 4 for q in items)
+    assert data.locomo_items(locomo, 36, seed=0) == items[:36]
+
+
+def test_recall_probes_load_in_order():
+    probes = data.load_recall_probes()
+    assert len(probes) == 8 and probes[0].facts.startswith("Mira's cat is named Pepper.")
+    assert probes[-1].topic == "the life cycle of stars"
+    assert all(len(p.questions) == 3 and all(q.endswith("?") and a for q, a in p.questions) for p in probes)
+    assert probes[0].questions[0] == ("What is the name of Mira's cat?", "Pepper")
+
+
+def test_corrupt_probe_file_is_detected(tmp_path):
+    copy = _copy_data(tmp_path)
+    path = copy / "probes" / "long_recall.json"
+    path.write_text(path.read_text().replace("Pepper", "Salt"))
+    with pytest.raises(DataError, match="corrupt"):
+        data.load_recall_probes(data_dir=copy)

@@ -1,0 +1,25 @@
+"""Trained persistent memory in a frozen model's latent space: six methods on LoCoMo (chapter 4).
+
+Chapter 4 re-implements arXiv:2603.16413 (Jeong 2026), one concept a module:
+
+- :mod:`~fastmem.latent.adapters`: the memory bank, its gradient-free write rules and trained reads
+  (``LatentAdapter``, the method table ``METHODS``);
+- :mod:`~fastmem.latent.backbones`: the frozen decoder-only or encoder-decoder model the adapter
+  reads into, with its cached states;
+- :mod:`~fastmem.latent.training`: training the read side;
+- :mod:`~fastmem.latent.forgetting`: the forgetting curve over lag.
+
+LoCoMo's conversations and questions are read by :mod:`fastmem.data`; answer F1 and BM25 retrieval
+are in :mod:`fastmem.evaluation`.
+"""
+
+from .adapters import (CAPACITY_ROWS, INJECTION, METHOD_NAMES, METHODS, WRITE_RULES, LatentAdapter,
+                       shared_features)
+from .backbones import DecoderOnlyBackbone, EncoderDecoderBackbone, QuestionBatch, hidden_rms, make_backbone
+from .forgetting import LAG_EDGES, LAG_LABELS, forgetting_curve, isotonic_nonincreasing, lag_bucket
+from .training import train_adapter
+
+__all__ = ["CAPACITY_ROWS", "INJECTION", "METHOD_NAMES", "METHODS", "WRITE_RULES", "LatentAdapter",
+           "shared_features", "DecoderOnlyBackbone", "EncoderDecoderBackbone", "QuestionBatch",
+           "hidden_rms", "make_backbone", "LAG_EDGES", "LAG_LABELS", "forgetting_curve", "isotonic_nonincreasing",
+           "lag_bucket", "train_adapter"]

@@ -1,0 +1,397 @@
+"""Frozen backbones around a latent-memory adapter: where reads enter, what is cached (chapter 4).
+
+Compute is the design problem (chapter 4, "Method"): the backbone is frozen and writes carry no
+gradient, so turns are encoded once, and for decoder-only models the hidden states entering
+``inject_block`` are cached so that training back-propagates only through the blocks above it.
+:func:`make_backbone` picks :class:`DecoderOnlyBackbone` or :class:`EncoderDecoderBackbone`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ParameterError
+from ..models import final_norm, transformer_blocks
+
+
+class _KV:
+    """Minimal key/value cache for Hugging Face attention modules (``update`` is all they call)."""
+
+    def __init__(self, k=None, v=None):
+        self.k, self.v = dict(k or {}), dict(v or {})
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        if layer_idx in self.k:
+            key = torch.cat([self.k[layer_idx], key], dim=2)
+            value = torch.cat([self.v[layer_idx], value], dim=2)
+        self.k[layer_idx], self.v[layer_idx] = key, value
+        return key, value
+
+    def copy(self) -> "_KV":
+        return _KV(self.k, self.v)
+
+    def expand(self, batch: int) -> "_KV":
+        return _KV({i: t.expand(batch, -1, -1, -1) for i, t in self.k.items()},
+                   {i: t.expand(batch, -1, -1, -1) for i, t in self.v.items()})
+
+
+def _mask(valid: torch.Tensor, n_query: int, prefix: int, dtype) -> torch.Tensor:
+    """Additive mask (B, 1, Q, prefix + S): all prefix keys visible, causal and padding over the rest."""
+    b, s = valid.shape
+    qpos = torch.arange(s - n_query, s).unsqueeze(1)
+    allowed = valid[:, None, :] & (torch.arange(s)[None, :] <= qpos)[None]
+    if prefix:
+        allowed = torch.cat([torch.ones(b, n_query, prefix, dtype=torch.bool), allowed], -1)
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+@dataclass
+class QuestionBatch:
+    """Questions ready for a backbone: token ids, masks, labels and cached frozen states (chapter 4)."""
+
+    ids: torch.Tensor
+    valid: torch.Tensor
+    positions: torch.Tensor | None
+    labels: torch.Tensor | None
+    cached: torch.Tensor | None  # decoder-only: states entering inject_block; T5: encoder output
+    lower_cache: _KV | None = None
+    upper_cache: _KV | None = None
+    prefix_lens: dict = field(default_factory=dict)
+    position_offset: int = 0
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def subset(self, idx) -> "QuestionBatch":
+        """The rows ``idx`` of the batch, for a training mini-batch (chapter 4)."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        sub = replace(self, ids=self.ids[idx], valid=self.valid[idx],
+                      positions=None if self.positions is None else self.positions[idx],
+                      labels=None if self.labels is None else self.labels[idx],
+                      cached=None if self.cached is None else self.cached[idx])
+        if self.lower_cache is None and sub.positions is not None:  # drop all-padding columns (left padded)
+            start = int(sub.valid.any(0).float().argmax())
+            sub = replace(sub, ids=sub.ids[:, start:], valid=sub.valid[:, start:], positions=sub.positions[:, start:],
+                          labels=None if sub.labels is None else sub.labels[:, start:],
+                          cached=None if sub.cached is None else sub.cached[:, start:])
+        return sub
+
+
+class DecoderOnlyBackbone:
+    """A frozen decoder-only model split at ``inject_block`` (chapter 4, "Decoder-only mapping").
+
+    Turns are written from the states after ``write_block`` blocks. Question states entering
+    ``inject_block`` are computed once and cached; the adapter reads there, and training
+    back-propagates through the blocks from ``inject_block`` up only.
+    """
+
+    family = "decoder-only"
+
+    def __init__(self, model, tokenizer, *, inject_block: int, write_block: int,
+                 question_tokens: int = 24, answer_tokens: int = 8, turn_tokens: int = 24):
+        self.model, self.tokenizer = model, tokenizer
+        self.blocks = transformer_blocks(model)
+        n = len(self.blocks)
+        for name, value in (("inject_block", inject_block), ("write_block", write_block)):
+            if not isinstance(value, int) or not 0 <= value < n:
+                raise ParameterError(f"{name} must be an integer block index in [0, {n - 1}], got {value!r}")
+        self.inject, self.write_block = inject_block, write_block
+        self.question_tokens, self.answer_tokens, self.turn_tokens = question_tokens, answer_tokens, turn_tokens
+        self.embed = model.get_input_embeddings()
+        self.norm, self.head = final_norm(model), model.get_output_embeddings()
+        self.rotary = model.base_model.rotary_emb
+        self.cache_kw = "layer_past" if hasattr(self.blocks[0], "attention") else "past_key_values"
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.stop_id = tokenizer.encode("\n", add_special_tokens=False)[-1]
+        vocab = self.head.weight.shape[0]
+        self.blank_ids = torch.tensor([i for i, t in enumerate(tokenizer.convert_ids_to_tokens(list(range(min(vocab, len(tokenizer))))))
+                                       if not tokenizer.convert_tokens_to_string([t]).strip()]
+                                      + [self.stop_id] + list(tokenizer.all_special_ids))
+
+    @property
+    def width(self) -> int:
+        """Hidden width ``d`` of the backbone (chapter 4)."""
+        return self.embed.weight.shape[1]
+
+    def _tok(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _run(self, h, positions, valid, layers, cache=None, prefix_lens=None, hook=None):
+        prefix_lens = prefix_lens or {}
+        pe = self.rotary(h, positions)
+        for i in layers:
+            if hook is not None and i == self.inject:
+                h = h + hook(h)
+            mask = _mask(valid, h.shape[1], prefix_lens.get(i, 0), h.dtype)
+            kw = {self.cache_kw: cache} if cache is not None else {}
+            out = self.blocks[i](h, attention_mask=mask, position_embeddings=pe, position_ids=positions, **kw)
+            h = out[0] if isinstance(out, tuple) else out
+        return h
+
+    @torch.no_grad()
+    def encode_turns(self, texts: list[str], batch_size: int = 64) -> list[torch.Tensor]:
+        """Each turn's states after ``write_block`` blocks, truncated to ``turn_tokens`` (no gradient; chapter 4)."""
+        out = []
+        for start in range(0, len(texts), batch_size):
+            rows = [self._tok(t)[: self.turn_tokens] or [self.pad_id] for t in texts[start:start + batch_size]]
+            width = max(map(len, rows))
+            ids = torch.full((len(rows), width), self.pad_id)
+            valid = torch.zeros(len(rows), width, dtype=torch.bool)
+            for i, r in enumerate(rows):
+                ids[i, : len(r)] = torch.tensor(r)
+                valid[i, : len(r)] = True
+            pos = torch.arange(width).expand(len(rows), -1)
+            h = self._run(self.embed(ids), pos, valid, range(self.write_block))
+            out += [h[i, : len(r)].clone() for i, r in enumerate(rows)]
+        return out
+
+    def prompt(self, question: str) -> list[int]:
+        """Token ids of the prompt "question: <q>\\nanswer:" (chapter 4)."""
+        return self._tok("question: " + question)[: self.question_tokens] + self._tok("\nanswer:")
+
+    @torch.no_grad()
+    def prepare(self, questions: list[str], answers: list[str] | None = None, *, context: str | None = None,
+                context_tokens: int = 0, contexts: list[str] | None = None) -> QuestionBatch:
+        """Tokenise (left padded) and cache the frozen states entering ``inject_block`` (chapter 4).
+
+        With ``answers``: teacher-forcing rows (prompt + answer + newline) for training.
+        Without: prompts for generation, with the lower blocks' key/value cache kept. ``context``
+        (long-context baseline) is run once through every block and shared by all rows;
+        ``contexts`` (retrieval baseline) gives each row its own text before the question.
+        """
+        rows, labels = [], []
+        for i, q in enumerate(questions):
+            p = self.prompt(q)
+            if contexts is not None:
+                p = self._tok(contexts[i]) + p
+            a = (self._tok(" " + answers[i])[: self.answer_tokens] + [self.stop_id]) if answers else []
+            rows.append(p + a)
+            labels.append([-100] * (len(p) - 1) + a + [-100])
+        width = max(map(len, rows))
+        b = len(rows)
+        ids = torch.full((b, width), self.pad_id)
+        valid = torch.zeros(b, width, dtype=torch.bool)
+        lab = torch.full((b, width), -100)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r)
+            valid[i, width - len(r):] = True
+            lab[i, width - len(r):] = torch.tensor(labels[i][: len(r)])
+        offset, lower_cache, upper_cache, prefix_lens = 0, None, None, {}
+        if answers is None:
+            lower_cache, upper_cache = _KV(), _KV()
+            if context:
+                cids = self._tok(context)[-context_tokens:] if context_tokens else self._tok(context)
+                offset = len(cids)
+                cpos = torch.arange(offset).unsqueeze(0)
+                tmp = _KV()
+                self._run(self.embed(torch.tensor([cids])), cpos, torch.ones(1, offset, dtype=torch.bool),
+                          range(len(self.blocks)), cache=tmp)
+                full = tmp.expand(b)
+                lower_cache = _KV({i: full.k[i] for i in range(self.inject)}, {i: full.v[i] for i in range(self.inject)})
+                upper_cache = _KV({i: full.k[i] for i in range(self.inject, len(self.blocks))},
+                                  {i: full.v[i] for i in range(self.inject, len(self.blocks))})
+                prefix_lens = {i: offset for i in range(len(self.blocks))}
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0) + offset
+        h = self._run(self.embed(ids), positions, valid, range(self.inject), cache=lower_cache, prefix_lens=prefix_lens)
+        return QuestionBatch(ids, valid, positions, lab if answers else None, h, lower_cache, upper_cache,
+                             prefix_lens, offset)
+
+    def _memory_prefix(self, adapter, bank, batch_size, cache):
+        """m1: memory tokens through every block from ``inject_block`` up; m3: through that block only."""
+        tokens = adapter.memory_tokens(bank).unsqueeze(0)
+        p = tokens.shape[1]
+        layers = range(self.inject, len(self.blocks)) if adapter.injection == "prefix" else [self.inject]
+        tmp = _KV()
+        self._run(tokens, torch.zeros(1, p, dtype=torch.long), torch.ones(1, p, dtype=torch.bool), layers, cache=tmp)
+        full = tmp.expand(batch_size)
+        cache.k.update(full.k)
+        cache.v.update(full.v)
+        return {i: p for i in layers}
+
+    def _upper(self, h, positions, valid, adapter, bank, cache, prefix_lens):
+        hook = None
+        if adapter is not None and adapter.injection == "residual":
+            hook = lambda x: adapter.residual(x, bank)  # noqa: E731
+        h = self._run(h, positions, valid, range(self.inject, len(self.blocks)), cache, prefix_lens, hook)
+        return self.norm(h)
+
+    def _start_upper(self, batch, adapter, bank):
+        cache = batch.upper_cache.copy() if batch.upper_cache is not None else _KV()
+        prefix_lens = dict(batch.prefix_lens)
+        if adapter is not None and adapter.injection in ("prefix", "kv"):
+            prefix_lens.update(self._memory_prefix(adapter, bank, len(batch), cache))
+        return cache, prefix_lens
+
+    def loss(self, adapter, bank, batch: QuestionBatch) -> torch.Tensor:
+        """Teacher-forced cross-entropy on the answer tokens, through the upper blocks only (chapter 4)."""
+        cache, prefix_lens = self._start_upper(batch, adapter, bank)
+        h = self._upper(batch.cached, batch.positions, batch.valid, adapter, bank, cache, prefix_lens)
+        sel = batch.labels != -100
+        logits = self.head(h[sel])
+        return F.cross_entropy(logits.float(), batch.labels[sel])
+
+    @torch.no_grad()
+    def generate(self, adapter, bank, batch: QuestionBatch, max_new_tokens: int) -> list[str]:
+        """Greedy answers, cut at the first newline; the first token must carry text (chapter 4).
+
+        Barring blank and special first tokens (the newline among them) keeps an answer from being empty: the
+        frozen model often starts with a newline, and an adapter trained on short answers that end
+        in one learns a general pull towards it.
+        """
+        cache_u, prefix_lens = self._start_upper(batch, adapter, bank)
+        cache_l = batch.lower_cache.copy()
+        valid, pos = batch.valid, batch.positions
+        h = self._upper(batch.cached, pos, valid, adapter, bank, cache_u, prefix_lens)
+        out = []
+        for step in range(max_new_tokens):
+            logits = self.head(h[:, -1])
+            if step == 0:
+                logits[:, self.blank_ids] = -torch.inf
+            nxt = logits.argmax(-1, keepdim=True)
+            out.append(nxt)
+            if step == max_new_tokens - 1 or bool((torch.cat(out, 1) == self.stop_id).any(1).all()):
+                break
+            valid = torch.cat([valid, torch.ones_like(nxt, dtype=torch.bool)], 1)
+            pos = pos[:, -1:] + 1
+            hl = self._run(self.embed(nxt), pos, valid, range(self.inject), cache_l, batch.prefix_lens)
+            h = self._upper(hl, pos, valid, adapter, bank, cache_u, prefix_lens)
+        return _decode(self.tokenizer, torch.cat(out, 1), self.stop_id)
+
+
+def _decode(tokenizer, ids: torch.Tensor, stop_id: int | None) -> list[str]:
+    texts = []
+    for row in ids.tolist():
+        if stop_id is not None and stop_id in row:
+            row = row[: row.index(stop_id)]
+        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return texts
+
+
+class EncoderDecoderBackbone:
+    """A frozen T5 (the paper's family; chapter 4). The encoder output of every turn and question is cached.
+
+    m1 prepends memory tokens to the encoder input (the encoder is re-run, with gradient into the
+    tokens); m3 appends memory tokens to the encoder output, so every decoder cross-attention sees
+    them as extra keys and values; m2/m4/m5/m6 add their read to the output of decoder block
+    ``inject_block``. Turns are written from the encoder output, so ``write_block`` (accepted for
+    the same call as :class:`DecoderOnlyBackbone`) is not used.
+    """
+
+    family = "encoder-decoder"
+
+    def __init__(self, model, tokenizer, *, inject_block: int, write_block: int | None = None,
+                 question_tokens: int = 24, answer_tokens: int = 8, turn_tokens: int = 24):
+        self.model, self.tokenizer = model, tokenizer
+        self.blocks = transformer_blocks(model)
+        if not isinstance(inject_block, int) or not 0 <= inject_block < len(self.blocks):
+            raise ParameterError(f"inject_block must index a decoder block in [0, {len(self.blocks) - 1}], got {inject_block!r}")
+        self.inject = inject_block
+        self.question_tokens, self.answer_tokens, self.turn_tokens = question_tokens, answer_tokens, turn_tokens
+        self.stop_id = tokenizer.eos_token_id
+
+    @property
+    def width(self) -> int:
+        """Hidden width ``d`` of the backbone (chapter 4)."""
+        return self.model.config.d_model
+
+    def _encode_ids(self, texts, limit):
+        rows = [self.tokenizer.encode(t, add_special_tokens=False)[:limit] + [self.stop_id] for t in texts]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return ids, mask, rows
+
+    @torch.no_grad()
+    def encode_turns(self, texts: list[str], batch_size: int = 64) -> list[torch.Tensor]:
+        """Encoder output of "context: <turn>" for each turn (no gradient; chapter 4)."""
+        out = []
+        for start in range(0, len(texts), batch_size):
+            ids, mask, rows = self._encode_ids(["context: " + t for t in texts[start:start + batch_size]], self.turn_tokens)
+            h = self.model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            out += [h[i, : len(r)].clone() for i, r in enumerate(rows)]
+        return out
+
+    @torch.no_grad()
+    def prepare(self, questions, answers=None, *, context=None, context_tokens=0, contexts=None) -> QuestionBatch:
+        """Encode "question: <q>" (with optional context text) once; the encoder output is cached (chapter 4)."""
+        ctx = contexts or [context[-4 * context_tokens:] if context else None] * len(questions)
+        texts = [("context: " + c + " " if c else "") + "question: " + q for c, q in zip(ctx, questions)]
+        ids, mask, _ = self._encode_ids(texts, self.question_tokens + (4 * context_tokens if any(ctx) else 0))
+        enc = self.model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        labels = None
+        if answers:
+            rows = [self.tokenizer.encode(a, add_special_tokens=False)[: self.answer_tokens] + [self.stop_id] for a in answers]
+            labels = torch.full((len(rows), max(map(len, rows))), -100)
+            for i, r in enumerate(rows):
+                labels[i, : len(r)] = torch.tensor(r)
+        return QuestionBatch(ids, mask.bool(), None, labels, enc)
+
+    def _encoder_states(self, adapter, bank, batch):
+        enc, mask = batch.cached, batch.valid.long()
+        if adapter is None:
+            return enc, mask
+        if adapter.injection == "prefix":
+            tokens = adapter.memory_tokens(bank).unsqueeze(0).expand(len(batch), -1, -1)
+            embeds = torch.cat([tokens, self.model.get_input_embeddings()(batch.ids)], 1)
+            mask = torch.cat([torch.ones(len(batch), tokens.shape[1], dtype=torch.long), mask], 1)
+            enc = self.model.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        elif adapter.injection == "kv":
+            tokens = adapter.memory_tokens(bank).unsqueeze(0).expand(len(batch), -1, -1)
+            enc = torch.cat([enc, tokens], 1)
+            mask = torch.cat([mask, torch.ones(len(batch), tokens.shape[1], dtype=torch.long)], 1)
+        return enc, mask
+
+    @contextmanager
+    def _hook(self, adapter, bank):
+        handle = None
+        if adapter is not None and adapter.injection == "residual":
+            def hook(module, args, output):
+                h = output[0] if isinstance(output, tuple) else output
+                h = h + adapter.residual(h, bank)
+                return (h, *output[1:]) if isinstance(output, tuple) else h
+            handle = self.blocks[self.inject].register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def loss(self, adapter, bank, batch):
+        """Teacher-forced cross-entropy on the answer tokens through the frozen decoder (chapter 4)."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        enc, mask = self._encoder_states(adapter, bank, batch)
+        with self._hook(adapter, bank):
+            out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=mask,
+                             labels=batch.labels)
+        return out.loss
+
+    @torch.no_grad()
+    def generate(self, adapter, bank, batch, max_new_tokens):
+        """Greedy answers, never empty (``min_new_tokens=1``, as in the decoder-only path; chapter 4)."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        enc, mask = self._encoder_states(adapter, bank, batch)
+        with self._hook(adapter, bank):
+            ids = self.model.generate(encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=mask,
+                                      max_new_tokens=max_new_tokens, min_new_tokens=1, do_sample=False, num_beams=1)
+        return _decode(self.tokenizer, ids, self.stop_id)
+
+
+def make_backbone(model, tokenizer, **kwargs):
+    """The right backbone wrapper for ``model``'s family (chapter 4)."""
+    cls = EncoderDecoderBackbone if model.config.is_encoder_decoder else DecoderOnlyBackbone
+    return cls(model, tokenizer, **kwargs)
+
+
+def hidden_rms(batch: QuestionBatch) -> float:
+    """Typical RMS of the cached states where memory enters: the adapters' initial output scale (chapter 4)."""
+    h = batch.cached[batch.valid]
+    return float(h.pow(2).mean().sqrt())
