@@ -36,9 +36,11 @@ import torch
 from torch import nn
 
 from .errors import ParameterError
-from .models import transformer_blocks
+from .models import model_info, transformer_blocks
+from .persistence import StoredMemory, load_memory, save_memory
 
-SITES = ("attn", "residual")
+MEMORY_KIND = "attractor_layer"
+ATTRACTOR_SITES = ("attn", "residual")
 INITS = ("tokens", "random")
 
 
@@ -67,7 +69,7 @@ class AttractorConfig:
         check(isinstance(self.n_attractors, int) and self.n_attractors >= 1, "n_attractors must be an integer >= 1")
         check(isinstance(self.layer, int), "layer must be an integer (negative counts from the end)")
         check(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
-        check(self.site in SITES, f"site must be one of {SITES}, got {self.site!r}")
+        check(self.site in ATTRACTOR_SITES, f"site must be one of {ATTRACTOR_SITES}, got {self.site!r}")
         for name in ("feedback_strength", "gain", "pull", "decay", "s_max", "burn_in_strength"):
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, got {value!r}")
@@ -101,9 +103,10 @@ class AttractorLayer:
     """Attractor memory attached to a frozen model by a forward hook (chapter 3).
 
     Use as a context manager (``with AttractorLayer(model, config): ...``) or with
-    :meth:`attach` / :meth:`detach`. :meth:`reset` clears the state; :meth:`save` / :meth:`load`
-    write and read it exactly. ``n_streams`` independent states can be kept, one per batch row
-    (``reset(n_streams=B)``); with one stream, a batch is pooled into that stream.
+    :meth:`attach` / :meth:`detach`. :meth:`reset` clears the state; :meth:`save` writes the
+    config and state to a memory file and :meth:`load` rebuilds the layer from it exactly.
+    ``n_streams`` independent states can be kept, one per batch row (``reset(n_streams=B)``);
+    with one stream, a batch is pooled into that stream.
     """
 
     def __init__(self, model: nn.Module, config: AttractorConfig | None = None, **coefficients):
@@ -169,22 +172,18 @@ class AttractorLayer:
         self.feedback = state["feedback"].clone() if "feedback" in state else None
 
     def save(self, path: Path | str) -> Path:
-        """Write the state to a safetensors file (exact round trip with :meth:`load`) (chapter 3)."""
-        from safetensors.torch import save_file
+        """Write the config and state to a memory file for this model (exact round trip with :meth:`load`) (chapter 3)."""
+        return save_memory(path, MEMORY_KIND, self.state_dict(), {"config": self.config.as_dict()}, model_info(self.model))
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(path))
-        return path
+    @classmethod
+    def load(cls, path: Path | str, model: nn.Module) -> "AttractorLayer":
+        """A layer on ``model`` with the config and state written by :meth:`save`, not yet attached (chapter 3)."""
+        def rebuild(stored: StoredMemory) -> "AttractorLayer":
+            layer = cls(model, AttractorConfig(**stored.settings["config"]))
+            layer.load_state_dict(stored.tensors)
+            return layer
 
-    def load(self, path: Path | str) -> None:
-        """Read a state written by :meth:`save` (chapter 3)."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        if not path.is_file():
-            raise ParameterError(f"attractor state file not found: {path}")
-        self.load_state_dict(load_file(str(path)))
+        return load_memory(path, MEMORY_KIND, model).rebuild(rebuild)
 
     # ------------------------------------------------------------------ hooks
     def attach(self) -> "AttractorLayer":

@@ -10,7 +10,8 @@ position, and the model then generates greedily. The model's weights are never t
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,8 +21,10 @@ from . import tasks
 from . import value as fv
 from .errors import ParameterError
 from .evaluation import first_word
-from .models import transformer_blocks
+from .models import ModelInfo, model_info, transformer_blocks
+from .persistence import load_memory, save_memory
 
+MEMORY_KIND = "binding"
 MODES = ("both_top1", "context_gate", "raw_both_top1", "average", "dual_key", "dual_key_weighted")
 VALUE_KINDS = ("iterated", "single_step")
 
@@ -127,12 +130,17 @@ class BindingMemory:
     """Stored bindings: raw key states, context states and values, with what they were written from (chapter 2).
 
     Keys are kept raw; each mode maps them (a learned projector, or nothing) at retrieval time.
+    :func:`write_memory` also records the block the keys were read at, the value kind and the
+    model, which :meth:`save` writes to a memory file and :meth:`load` checks.
     """
 
     symbol_states: torch.Tensor
     context_states: torch.Tensor
     values: torch.Tensor
     bindings: list[tasks.Binding] = field(default_factory=list)
+    layer: int | None = None
+    value_kind: str | None = None
+    model: ModelInfo | None = None
 
     def __len__(self) -> int:
         return len(self.bindings)
@@ -140,6 +148,23 @@ class BindingMemory:
     @classmethod
     def empty(cls, width: int) -> "BindingMemory":
         return cls(torch.zeros(0, width), torch.zeros(0, width), torch.zeros(0, width), [])
+
+    def save(self, path: Path | str) -> Path:
+        """Write the memory to a memory file, bit-exact and with its model (chapter 2)."""
+        if self.model is None:
+            raise ParameterError("BindingMemory.save: this memory does not record its model (write_memory records it): "
+                                 "set memory.model = fastmem.models.model_info(model) first")
+        tensors = {"symbol_states": self.symbol_states, "context_states": self.context_states, "values": self.values}
+        settings = {"bindings": [asdict(b) for b in self.bindings], "layer": self.layer, "value_kind": self.value_kind}
+        return save_memory(path, MEMORY_KIND, tensors, settings, self.model)
+
+    @classmethod
+    def load(cls, path: Path | str, model: nn.Module) -> "BindingMemory":
+        """The memory saved by :meth:`save`, checked to belong to ``model`` (chapter 2)."""
+        return load_memory(path, MEMORY_KIND, model).rebuild(lambda stored: cls(
+            stored.tensors["symbol_states"], stored.tensors["context_states"], stored.tensors["values"],
+            [tasks.Binding(**b) for b in stored.settings["bindings"]], stored.settings["layer"],
+            stored.settings["value_kind"], model_info(model)))
 
 
 def retrieve(queries: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor | None = None
@@ -171,7 +196,8 @@ def write_memory(model: nn.Module, tokenizer, write: PromptStates, bindings: lis
     """Write every binding from its write statement's states (chapter 2); no gradient, no weight change."""
     targets = torch.tensor(tasks.label_token_ids(tokenizer, [b.label for b in bindings]))
     values = memory_values(model, write.answer, targets, value_kind, step, n_steps)
-    return BindingMemory(write.keys["symbol"][layer], write.keys["context"][layer], values, list(bindings))
+    return BindingMemory(write.keys["symbol"][layer], write.keys["context"][layer], values, list(bindings),
+                         layer, value_kind, model_info(model))
 
 
 @torch.no_grad()

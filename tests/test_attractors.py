@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fastmem import benchmark as bm
-from fastmem.attractors import AttractorConfig, AttractorLayer
+from fastmem import evaluation, stats
+from fastmem.attractors import ATTRACTOR_SITES, AttractorConfig, AttractorLayer
 from fastmem.book import glued_values
 from fastmem.errors import ParameterError
 
@@ -30,7 +31,7 @@ def _run(model, layer, inputs):
     return outputs
 
 
-@pytest.mark.parametrize("site", ["attn", "residual"])
+@pytest.mark.parametrize("site", ATTRACTOR_SITES)
 def test_zero_feedback_is_bit_identical_and_weights_frozen(tiny_neox, site):
     model, _, _ = tiny_neox
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -88,23 +89,39 @@ def test_decay_drives_strengths_to_zero(tiny_neox):
     assert layer.feedback.abs().max() < 1e-9
 
 
-def test_state_round_trips_exactly(tiny_neox, tmp_path):
+@pytest.mark.parametrize("site", ATTRACTOR_SITES)
+def test_state_round_trips_exactly(tiny_neox, tmp_path, site):
     model, _, _ = tiny_neox
-    config = AttractorConfig(layer=0, n_attractors=5, feedback_strength=0.2)
+    config = AttractorConfig(layer=0, site=site, n_attractors=5, feedback_strength=0.2, gate_threshold=0.1, init="random")
     layer = AttractorLayer(model, config)
     _run(model, layer, _inputs(3))
     path = layer.save(tmp_path / "state.safetensors")
-    copy = AttractorLayer(model, config)
-    copy.load(path)
+    copy = AttractorLayer.load(path, model)
+    assert copy.config == layer.config and copy.block_index == layer.block_index
+    assert copy.state_dict().keys() == layer.state_dict().keys()
     for key, value in layer.state_dict().items():
-        assert torch.equal(value, copy.state_dict()[key]), key
+        assert value.dtype == copy.state_dict()[key].dtype and torch.equal(value, copy.state_dict()[key]), key
     nxt = _inputs(2, seed=3)
     for a, b in zip(_run(model, layer, nxt), _run(model, copy, nxt)):
         assert torch.equal(a, b)
     layer.reset()
     assert layer.attractors is None and layer.passes == 0 and layer.strengths.abs().sum() == 0
     with pytest.raises(ParameterError):
-        AttractorLayer(model, config.with_(n_attractors=3)).load(path)
+        AttractorLayer(model, config.with_(n_attractors=3)).load_state_dict(copy.state_dict())
+
+
+def test_reloaded_layer_generates_what_the_original_did(tiny_neox, tmp_path):
+    model, _, _ = tiny_neox
+    prompt = _inputs(1, length=16, seed=5)[0]
+    layer = AttractorLayer(model, AttractorConfig(layer=1, n_attractors=4, feedback_strength=0.5))
+    _run(model, layer, _inputs(4, seed=6))
+    copy = AttractorLayer.load(layer.save(tmp_path / "layer.safetensors"), model)
+    outputs = []
+    for memory in (layer, copy):
+        with torch.no_grad(), memory:
+            outputs.append(model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False))
+    assert torch.equal(outputs[0], outputs[1])
+    assert copy.passes == layer.passes and torch.equal(copy.strengths, layer.strengths)
 
 
 def test_gating_and_burn_in_suppress_feedback(tiny_neox):
@@ -185,10 +202,10 @@ def test_overhead_reports_median_ratio_with_interval(tiny_neox):
 
 
 def test_repetition_metrics():
-    assert bm.repeated_ngram_rate([1, 2, 3, 4, 5], 2) == 0
-    assert bm.repeated_ngram_rate([1, 2, 1, 2, 1, 2], 2) == 3 / 5
-    assert bm.distinct_n([1, 1, 1, 1], 2) == 1 / 3
-    change = bm.paired_change([1, 1, 0, 0], [1, 1, 1, 0], relative=True)
+    assert evaluation.repeated_ngram_rate([1, 2, 3, 4, 5], 2) == 0
+    assert evaluation.repeated_ngram_rate([1, 2, 1, 2, 1, 2], 2) == 3 / 5
+    assert evaluation.distinct_n([1, 1, 1, 1], 2) == 1 / 3
+    change = stats.paired_change([1, 1, 0, 0], [1, 1, 1, 0], relative=True)
     assert math.isclose(change["change"], 50.0)
     assert change["low"] <= 50.0 <= change["high"]
     assert bm._contains("Her bike is red.", "red") == 1 and bm._contains("She considered it", "red") == 0

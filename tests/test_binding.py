@@ -129,6 +129,34 @@ def test_public_functions_accept_custom_contexts_and_templates(tiny_neox):
     assert fb.in_context_prompts(bindings[:1], bindings, templates)[0].startswith("On planet Mars the word zorp stands for")
 
 
+def test_saved_memory_reloads_bit_exact_and_generates_the_same(tiny_neox, tmp_path):
+    model, tokenizer, info = tiny_neox
+    bindings = tasks.make_bindings(["zorp", "quib", "blick"], ("Mars", "Venus"), ("red", "blue", "green"), seed=0)
+    states = fb.encode_bindings(model, tokenizer, bindings, [1])
+    memory = fb.write_memory(model, tokenizer, states["write"], bindings, 1, "single_step")
+    assert (memory.layer, memory.value_kind, memory.model) == (1, "single_step", info)
+    loaded = fb.BindingMemory.load(memory.save(tmp_path / "memory.safetensors"), model)
+    for name in ("symbol_states", "context_states", "values"):
+        original, copy = getattr(memory, name), getattr(loaded, name)
+        assert original.dtype == copy.dtype and torch.equal(original, copy), name
+    assert (loaded.bindings, loaded.layer, loaded.value_kind, loaded.model) == (bindings, 1, "single_step", info)
+    generations = []
+    for stored in (memory, loaded):
+        values, _ = fb.select_values(stored, "raw_both_top1", states["read"], 1)
+        generations.append(fb.generate(model, tokenizer, states["read"], values, max_new_tokens=4))
+    assert generations[0] == generations[1]
+
+
+def test_empty_memory_round_trips_and_an_unattributed_memory_cannot_be_saved(tiny_neox, tmp_path):
+    model, _, info = tiny_neox
+    empty = fb.BindingMemory.empty(info.width)
+    with pytest.raises(ParameterError, match="model_info"):
+        empty.save(tmp_path / "empty.safetensors")
+    empty.model = info
+    loaded = fb.BindingMemory.load(empty.save(tmp_path / "empty.safetensors"), model)
+    assert len(loaded) == 0 and loaded.values.shape == (0, info.width)
+
+
 def test_first_word_strips_whitespace_and_punctuation():
     assert first_word("\n Red.") == "red"
     assert first_word("wolf-like") == "wolf"
@@ -153,13 +181,14 @@ def test_chapter_2_on_ci_parameters():
 
 def test_chapter_2_runs_unmodified_on_the_paper_architecture(tmp_path):
     """params/paper/02.yaml names Pythia-70M (hub only): its GPT-NeoX code path, on random weights."""
-    from fastmem.book import ROOT, execute, parameter_file, read_parameters
+    from fastmem.book import ROOT, execute, resolve_parameters
 
     notebook = ROOT / "notebooks" / "02_binding.ipynb"
-    parameters = {**read_parameters(parameter_file(notebook, "ci")), "model_name": "tiny-gpt-neox", "key_layer": 1,
+    parameters = {**resolve_parameters(notebook, "ci")[0], "model_name": "tiny-gpt-neox", "key_layer": 1,
                   "layer_sweep": [0, 1], "n_train_words": 6, "n_eval_words": 4, "capacity_sizes": [1, 8],
-                  "capacity_probe": 4, "overhead_entries": [100, 1000], "overhead_new_tokens": 2, "overhead_repeats": 1}
-    values = glued_values(execute(notebook, tmp_path / notebook.name, parameters, "tiny-paper-architecture"))
+                  "capacity_probe": 4, "overhead_entries": [100, 1000], "overhead_new_tokens": 2, "overhead_repeats": 1,
+                  "param_set": "tiny-paper-architecture"}
+    values = glued_values(execute(notebook, tmp_path / notebook.name, parameters))
     for name in ("binding_read_both_top1", "binding_read_context_gate", "binding_read_dual_key", "binding_write_token_both_top1"):
         assert 0.0 <= values[name] <= 1.0, name
     assert values["binding_overhead_ratio_1k"] > 0
