@@ -16,7 +16,7 @@ from torch import nn
 from .errors import ParameterError
 from .models import final_norm, output_embedding, transformer_blocks
 
-SITES = ("post_norm", "pre_norm")
+HEAD_SITES = ("post_norm", "pre_norm")  # where a value enters the head: after or before the final norm
 
 
 @dataclass
@@ -153,8 +153,8 @@ def sweep_head(model: nn.Module, states: AnswerStates, values: torch.Tensor, tar
     injection sites, so the effect is exact from cached states (chapter 1; a test checks this
     against real forward hooks). Returns ``log_p_target`` and ``argmax`` per (alpha, prompt).
     """
-    if site not in SITES:
-        raise ParameterError(f"unknown injection site {site!r}: use one of {SITES}")
+    if site not in HEAD_SITES:
+        raise ParameterError(f"unknown injection site {site!r}: use one of {HEAD_SITES}")
     log_p, argmax = [], []
     with torch.no_grad():
         for alpha in alphas:
@@ -194,7 +194,7 @@ def injected(model: nn.Module, site, vectors: torch.Tensor):
             return add_to_last(output)
         handle = transformer_blocks(model)[site].register_forward_hook(after_block)
     else:
-        raise ParameterError(f"unknown injection site {site!r}: use one of {SITES} or a block index")
+        raise ParameterError(f"unknown injection site {site!r}: use one of {HEAD_SITES} or a block index")
     try:
         yield
     finally:
@@ -202,8 +202,8 @@ def injected(model: nn.Module, site, vectors: torch.Tensor):
 
 
 def _state_to_head_input(model: nn.Module, site: str):
-    if site not in SITES:
-        raise ParameterError(f"unknown injection site {site!r}: use one of {SITES}")
+    if site not in HEAD_SITES:
+        raise ParameterError(f"unknown injection site {site!r}: use one of {HEAD_SITES}")
     return (lambda state: state) if site == "post_norm" else (lambda state: head_input_from_residual(model, state))
 
 
@@ -258,14 +258,10 @@ def min_norm_value(model: nn.Module, head_input: torch.Tensor, targets: torch.Te
     return moved - head_input
 
 
-def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a share such as the flip share (chapter 1)."""
-    if trials == 0:
-        return (0.0, 1.0)
-    share = successes / trials
-    centre = (share + z * z / (2 * trials)) / (1 + z * z / trials)
-    half = z * ((share * (1 - share) + z * z / (4 * trials)) / trials) ** 0.5 / (1 + z * z / trials)
-    return (max(0.0, centre - half), min(1.0, centre + half))
+def smallest_alpha_reaching(alphas: list[float], shares, level: float = 0.5) -> float | None:
+    """The smallest step size whose flip share reaches ``level``, or None if none does (chapter 1)."""
+    reached = [a for a, share in zip(alphas, list(shares)) if share >= level]
+    return min(reached) if reached else None
 
 
 @torch.no_grad()

@@ -46,7 +46,7 @@ def test_batched_states_match_one_prompt_at_a_time(smollm2, smol_states):
     assert torch.equal(batched.logits[:3].argmax(-1), single.logits.argmax(-1))
 
 
-@pytest.mark.parametrize("site", fv.SITES)
+@pytest.mark.parametrize("site", fv.HEAD_SITES)
 def test_cached_sweep_matches_real_forward_hooks(smollm2, smol_states, site):
     model, tokenizer, _ = smollm2
     states, _, targets, writes, _ = smol_states
@@ -67,7 +67,7 @@ def test_zero_injection_is_bit_identical_and_weights_untouched(smollm2, smol_sta
     batch = fv.encode_prompts(model, tokenizer, writes)
     with torch.no_grad():
         plain = model(**batch).logits
-        for site in (*fv.SITES, 10):
+        for site in (*fv.HEAD_SITES, 10):
             with fv.injected(model, site, torch.zeros(len(writes), model.config.hidden_size)):
                 assert torch.equal(model(**batch).logits, plain)
         with fv.injected(model, "post_norm", torch.ones(len(writes), model.config.hidden_size)):
@@ -136,10 +136,9 @@ def test_unknown_site_is_refused(smollm2, smol_states):
             pass
 
 
-def test_wilson_interval_brackets_the_share():
-    low, high = fv.wilson_interval(30, 40)
-    assert low < 0.75 < high and 0 <= low and high <= 1
-    assert fv.wilson_interval(0, 10)[0] == 0.0 and fv.wilson_interval(10, 10)[1] == 1.0
+def test_smallest_alpha_reaching():
+    assert fv.smallest_alpha_reaching([1, 2, 4], [0.1, 0.5, 0.9]) == 2
+    assert fv.smallest_alpha_reaching([1, 2], [0.1, 0.2]) is None
 
 
 def test_forward_sweep_agrees_with_cached_sweep(smollm2, smol_states):
