@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import os
 import sys
+import time
 from pathlib import Path
 
 import nbformat
 import yaml
 
 from .errors import ParameterError
+from .parameters import check_names, check_parameters, parameters_cell_values
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
 PARAMS_DIR = ROOT / "params"
+FAILED_DIR = ROOT / "_build" / "failed"
+LOG_DIR = ROOT / "_build" / "logs"
 
 
 def run_label(model_label: str, param_set: str) -> str:
@@ -48,6 +54,11 @@ def chapter_notebooks() -> list[Path]:
     return sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 
 
+def parameter_sets() -> list[str]:
+    """The names ``--params`` accepts besides a YAML file: ``default`` and every folder under ``params/``."""
+    return ["default", *sorted(p.name for p in PARAMS_DIR.iterdir() if p.is_dir())]
+
+
 def parameter_file(notebook: Path, param_set: str) -> Path | None:
     """``params/<set>/NN.yaml`` for a chapter, or None for the notebook's own defaults."""
     if param_set == "default":
@@ -70,18 +81,69 @@ def read_parameters(path: Path | str) -> dict:
     return params
 
 
-def execute(notebook: Path, output: Path, parameters: dict | None = None, param_set: str = "default") -> Path:
-    """Execute ``notebook`` with papermill (kernel ``python3``) into ``output``."""
+def notebook_parameters(notebook: Path) -> dict:
+    """The names and default values of a notebook's ``parameters`` cell (empty if it has none)."""
+    for cell in nbformat.read(str(notebook), as_version=4).cells:
+        if cell.cell_type == "code" and "parameters" in cell.metadata.get("tags", []):
+            return parameters_cell_values(cell.source)
+    return {}
+
+
+def resolve_parameters(notebook: Path, params: str) -> tuple[dict, str]:
+    """The checked parameters to inject into ``notebook`` and the run's label, before any kernel starts.
+
+    ``params`` is ``default``, a set under ``params/`` or a YAML file. Unknown set names, parameter
+    names the notebook does not have and values its chapter does not allow each end with one line.
+    """
+    if not notebook.is_file():
+        raise ParameterError(f"notebook not found: {notebook}")
+    if params.endswith((".yaml", ".yml")):
+        given, param_set = read_parameters(params), Path(params).stem
+    elif params in parameter_sets():
+        path = parameter_file(notebook, params)
+        if params != "default" and path is None:
+            raise ParameterError(f"parameter set '{params}' has no file for {notebook.name} "
+                                 f"(expected {PARAMS_DIR.name}/{params}/{notebook.name[:2]}.yaml)")
+        given, param_set = (read_parameters(path) if path else {}), params
+    else:
+        raise ParameterError(f"unknown parameter set '{params}': use one of {', '.join(parameter_sets())} "
+                             "or a YAML file")
+    defaults = notebook_parameters(notebook)
+    if given and not defaults:
+        raise ParameterError(f"{notebook.name} has no parameters cell, so it takes no parameters")
+    check_names(given, defaults, notebook.name)
+    if param_set != "default":
+        given.setdefault("param_set", param_set)
+    check_parameters(notebook.name[:2], {**defaults, **given})
+    return given, param_set
+
+
+def execute(notebook: Path, output: Path, parameters: dict | None = None) -> Path:
+    """Execute ``notebook`` with papermill (kernel ``python3``) into ``output``, which appears only on success.
+
+    The run writes to a hidden file beside ``output`` and renames it into place when every cell
+    has run, so an interrupted or failed run never touches ``output`` (the committed chapter, in
+    place) and never leaves a file that looks complete. A failed run's copy is kept under
+    ``_build/failed/`` for inspection.
+    """
     import papermill
 
-    parameters = dict(parameters or {})
-    if param_set != "default":
-        parameters.setdefault("param_set", param_set)
     output.parent.mkdir(parents=True, exist_ok=True)
-    papermill.execute_notebook(
-        str(notebook), str(output), parameters=parameters, kernel_name="python3",
-        cwd=str(notebook.parent), progress_bar=False,
-    )
+    partial = output.with_name(f".{output.stem}.partial{output.suffix}")
+    try:
+        papermill.execute_notebook(
+            str(notebook), str(partial), parameters=dict(parameters or {}), kernel_name="python3",
+            cwd=str(notebook.parent), progress_bar=False,
+        )
+    except BaseException as error:
+        from papermill.exceptions import PapermillExecutionError
+
+        if isinstance(error, PapermillExecutionError) and partial.is_file():
+            FAILED_DIR.mkdir(parents=True, exist_ok=True)
+            os.replace(partial, FAILED_DIR / output.name)
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, output)
     return output
 
 
@@ -90,25 +152,44 @@ def _one_line(error: BaseException) -> str:
     from papermill.exceptions import PapermillExecutionError
 
     if isinstance(error, PapermillExecutionError):
-        return f"{error.ename}: {error.evalue}"
+        return f"{error.ename}: {error.evalue} (the executed copy is in {FAILED_DIR.relative_to(ROOT)}/)"
     return f"{type(error).__name__}: {error}"
 
 
-def _run_one(notebook: Path, params: str, out: str | None) -> str | None:
-    """Execute one chapter; None on success, else the one line that says what went wrong."""
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    """Send this process's standard error, which the kernel inherits, to ``path`` while a chapter runs.
+
+    The kernel logs its own start, interrupts and shutdown there; the reader's terminal keeps the
+    runner's lines only.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
     try:
-        if not notebook.is_file():
-            raise ParameterError(f"notebook not found: {notebook}")
-        if params.endswith((".yaml", ".yml")):
-            parameters, param_set = read_parameters(params), Path(params).stem
-        else:
-            path = parameter_file(notebook, params)
-            parameters, param_set = (read_parameters(path) if path else {}), params
-        output = Path(out) / notebook.name if out else notebook
-        print(f"executing {notebook} with parameters '{param_set}' -> {output}", flush=True)
-        execute(notebook.resolve(), output.resolve(), parameters, param_set)
+        with path.open("w") as log:
+            os.dup2(log.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _run_one(notebook: Path, parameters: dict, param_set: str, out: str | None) -> str | None:
+    """Execute one chapter; None on success, else the one line that says what went wrong."""
+    output = Path(out) / notebook.name if out else notebook
+    print(f"executing {notebook.relative_to(ROOT) if notebook.is_relative_to(ROOT) else notebook} "
+          f"with parameters '{param_set}' -> {output}", flush=True)
+    started = time.perf_counter()
+    try:
+        with _stderr_to(LOG_DIR / f"{notebook.stem}.log"):
+            execute(notebook, output, parameters)
+    except KeyboardInterrupt:
+        return f"interrupted: {notebook.name} not written"
     except Exception as error:  # noqa: BLE001 - every failure ends as one line naming the chapter
         return f"error in {notebook}: {_one_line(error)}"
+    print(f"done {notebook.name} in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     return None
 
 
@@ -121,28 +202,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1,
                         help="chapters executed at once (each kernel should then use fewer threads: OMP_NUM_THREADS)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        print(f"error: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
+        return 1
     # Absolute paths before anything runs: papermill changes the working directory while it executes.
     notebooks = [Path(n).resolve() for n in args.notebooks] or chapter_notebooks()
     params = str(Path(args.params).resolve()) if args.params.endswith((".yaml", ".yml")) else args.params
     out = str(Path(args.out).resolve()) if args.out else None
-    if args.jobs < 1:
-        print(f"error: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
-        return 1
-    if args.jobs == 1:
-        for notebook in notebooks:
-            error = _run_one(notebook, params, out)
-            if error:
-                print(error, file=sys.stderr)
-                return 1
-        return 0
-    from concurrent.futures import ProcessPoolExecutor
+    runs = []
+    for notebook in notebooks:  # every chapter's parameters are checked before the first kernel starts
+        try:
+            runs.append((notebook, *resolve_parameters(notebook, params), out))
+        except ParameterError as error:
+            print(f"error in {notebook}: ParameterError: {error}", file=sys.stderr)
+            return 1
+    try:
+        if args.jobs == 1:
+            for run in runs:
+                error = _run_one(*run)
+                if error:
+                    print(error, file=sys.stderr)
+                    return 130 if error.startswith("interrupted") else 1
+            return 0
+        from concurrent.futures import ProcessPoolExecutor
 
-    # Processes, not threads: the working directory papermill sets is shared by every thread of a process.
-    with ProcessPoolExecutor(args.jobs) as pool:
-        errors = [e for e in pool.map(_run_one, notebooks, [params] * len(notebooks), [out] * len(notebooks)) if e]
+        # Processes, not threads: the working directory papermill sets is shared by every thread of a process.
+        with ProcessPoolExecutor(args.jobs) as pool:
+            errors = [e for e in pool.map(_run_one, *zip(*runs)) if e]
+    except KeyboardInterrupt:
+        print("interrupted: the chapters that had not finished were not written", file=sys.stderr)
+        return 130
     for error in errors:
         print(error, file=sys.stderr)
-    return 1 if errors else 0
+    return 130 if any(e.startswith("interrupted") for e in errors) else 1 if errors else 0
 
 
 if __name__ == "__main__":

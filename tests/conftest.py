@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fastmem.book import ROOT, execute, parameter_file, read_parameters
+from fastmem.book import ROOT, execute, resolve_parameters
 from fastmem.models import load_model
 
 CI_BUILD = ROOT / "_build" / "ci"
@@ -26,9 +26,12 @@ def tiny_t5():
 
 
 def executed_ci_notebook(name: str) -> Path:
-    """The chapter executed with params/ci (as `make test` leaves it), executing it if missing."""
+    """The chapter executed with params/ci (as `make test` leaves it), executing it if missing.
+
+    The runner writes a chapter's file only once every cell has run, so a file found here is complete.
+    """
     output = CI_BUILD / name
     if not output.is_file():
         notebook = ROOT / "notebooks" / name
-        execute(notebook, output, read_parameters(parameter_file(notebook, "ci")), "ci")
+        execute(notebook, output, resolve_parameters(notebook, "ci")[0])
     return output

@@ -1,14 +1,19 @@
 """The pipeline's contracts: parameters cells, glued headline numbers, one-line errors."""
 
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import nbformat
 import pytest
 
-from fastmem.book import ROOT, chapter_notebooks, glued_values, parameter_file, read_parameters
+from fastmem.book import (ROOT, chapter_notebooks, glued_values, notebook_parameters, parameter_file, parameter_sets,
+                          read_parameters, resolve_parameters)
 from fastmem.errors import ParameterError
+from fastmem.parameters import chapter_rules, check_parameters
 
 from conftest import executed_ci_notebook
 
@@ -63,11 +68,9 @@ def _run_chapter(tmp_path, params: dict):
 
 
 @pytest.mark.parametrize("params, expected", [
-    ({"alphas": "abc"}, "ParameterError: alpha must be a number"),
-    ({"model_name": "no-such-model"}, "UnknownModelError: unknown model 'no-such-model'"),
     ({"model_name": "pythia-70m"}, "HubUnreachableError: EleutherAI/pythia-70m is not in the local cache"),
 ])
-def test_bad_parameters_end_with_one_clear_line(tmp_path, monkeypatch, params, expected):
+def test_a_failing_kernel_ends_with_one_clear_line(tmp_path, monkeypatch, params, expected):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = _run_chapter(tmp_path, params)
     assert result.returncode == 1
@@ -126,3 +129,99 @@ def test_parallel_chapters_land_in_the_relative_out_folder(tmp_path):
     assert sorted(p.name for p in (tmp_path / "executed").iterdir()) == [f"{n}.ipynb" for n in names]
     assert not (tmp_path / "chapters" / "executed").exists()
 
+
+
+# ---------------------------------------------------------------------------- the runner's guards
+def _runner(*args, cwd=ROOT, timeout=120):
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "fastmem.book", *map(str, args)], cwd=cwd,
+                            capture_output=True, text=True, timeout=timeout)
+    return result, time.perf_counter() - started
+
+
+def _only_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("params", ["nosuchset", "CI"])
+def test_an_unknown_parameter_set_ends_at_once_listing_the_sets(tmp_path, params):
+    result, seconds = _runner(ROOT / "notebooks" / CHAPTER_1, "--params", params, "--out", tmp_path)
+    line = _only_line(result)
+    assert result.returncode == 1 and f"unknown parameter set '{params}'" in line
+    assert all(name in line for name in ("default", "ci", "paper"))
+    assert seconds < 5 and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({"n_wrods": 12}, "unknown parameter for 01_value_derivation.ipynb: n_wrods (did you mean n_words?)"),
+    ({"n_words": 0}, "parameter n_words = 0 is not allowed: an integer >= 1"),
+    ({"n_words": -5}, "parameter n_words = -5 is not allowed: an integer >= 1"),
+    ({"n_words": "'12'"}, "parameter n_words = '12' is not allowed: an integer >= 1"),
+    ({"alphas": "[]"}, "parameter alphas = [] is not allowed: a non-empty list, each a finite number"),
+    ({"model_name": "no-such-model"}, "parameter model_name = 'no-such-model' is not allowed: one of smollm2-135m"),
+])
+def test_bad_parameters_end_before_any_kernel_with_one_line(tmp_path, params, expected):
+    params_file = tmp_path / "bad.yaml"
+    params_file.write_text("".join(f"{k}: {v}\n" for k, v in params.items()))
+    result, seconds = _runner(ROOT / "notebooks" / CHAPTER_1, "--params", params_file, "--out", tmp_path / "out")
+    line = _only_line(result)
+    assert result.returncode == 1 and expected in line, line
+    assert seconds < 5 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("notebook", chapter_notebooks(), ids=lambda p: p.name)
+def test_every_parameter_is_declared_and_every_set_is_allowed(notebook):
+    declared = chapter_rules(notebook.name[:2])
+    assert set(notebook_parameters(notebook)) == set(declared)
+    check_parameters(notebook.name[:2], notebook_parameters(notebook))
+    for param_set in parameter_sets():
+        if param_set == "default" or parameter_file(notebook, param_set):
+            resolve_parameters(notebook, param_set)
+
+
+def test_each_chapter_checks_its_parameters_right_after_the_parameters_cell():
+    for notebook in chapter_notebooks():
+        code = [c for c in nbformat.read(str(notebook), as_version=4).cells if c.cell_type == "code"]
+        assert f'check_parameters("{notebook.name[:2]}", globals())' in code[1].source, notebook.name
+
+
+def _write_notebook(path, *sources):
+    nb = nbformat.v4.new_notebook()
+    nb.cells.append(nbformat.v4.new_code_cell(sources[0], metadata={"tags": ["parameters"]}))
+    nb.cells += [nbformat.v4.new_code_cell(source) for source in sources[1:]]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, str(path))
+    return path
+
+
+def test_a_failed_run_leaves_the_target_untouched(tmp_path):
+    notebook = _write_notebook(tmp_path / "chapter.ipynb", "n = 1", "raise ValueError('n is too small')")
+    before = notebook.read_bytes()
+    result, _ = _runner(notebook)  # in place, as `make book` runs
+    line = _only_line(result)
+    assert result.returncode == 1 and "ValueError: n is too small" in line
+    assert notebook.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chapter.ipynb"]
+    result, _ = _runner(notebook, "--out", tmp_path / "out")
+    assert result.returncode == 1 and not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["in place", "with --out"])
+def test_ctrl_c_ends_with_one_line_and_writes_nothing(tmp_path, in_place):
+    notebook = _write_notebook(tmp_path / "chapter.ipynb", "n = 1", "import time\ntime.sleep(60)")
+    before = notebook.read_bytes()
+    args = [sys.executable, "-m", "fastmem.book", str(notebook)] + ([] if in_place else ["--out", str(tmp_path / "out")])
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    for line in process.stdout:  # wait until the chapter is executing
+        if line.startswith("executing"):
+            break
+    time.sleep(4)  # the kernel is now inside the sleeping cell
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert process.returncode == 130 and len(lines) == 1 and lines[0].startswith("interrupted"), stderr[-2000:]
+    assert notebook.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["chapter.ipynb"]
