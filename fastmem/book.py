@@ -81,6 +81,12 @@ def read_parameters(path: Path | str) -> dict:
     return params
 
 
+def recorded_minutes(notebook: Path) -> float:
+    """How long the notebook's last recorded execution took (papermill's metadata), 0 if never executed."""
+    duration = nbformat.read(str(notebook), as_version=4).metadata.get("papermill", {}).get("duration")
+    return (duration or 0.0) / 60
+
+
 def notebook_parameters(notebook: Path) -> dict:
     """The names and default values of a notebook's ``parameters`` cell (empty if it has none)."""
     for cell in nbformat.read(str(notebook), as_version=4).cells:
@@ -226,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from concurrent.futures import ProcessPoolExecutor
 
+        # Longest chapters first, by their last recorded run, so that no long chapter starts last.
+        runs.sort(key=lambda run: -recorded_minutes(run[0]))
         # Processes, not threads: the working directory papermill sets is shared by every thread of a process.
         with ProcessPoolExecutor(args.jobs) as pool:
             errors = [e for e in pool.map(_run_one, *zip(*runs)) if e]

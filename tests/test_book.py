@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -225,3 +226,17 @@ def test_ctrl_c_ends_with_one_line_and_writes_nothing(tmp_path, in_place):
     assert process.returncode == 130 and len(lines) == 1 and lines[0].startswith("interrupted"), stderr[-2000:]
     assert notebook.read_bytes() == before
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["chapter.ipynb"]
+
+
+def test_parallel_runs_start_with_the_longest_recorded_chapters(tmp_path):
+    names = {"short": 5.0, "long": 600.0, "never": None}
+    for name, duration in names.items():
+        notebook = _write_notebook(tmp_path / f"{name}.ipynb", "n = 1")
+        if duration is not None:
+            nb = nbformat.read(str(notebook), as_version=4)
+            nb.metadata["papermill"] = {"duration": duration}
+            nbformat.write(nb, str(notebook))
+    result, _ = _runner(*(tmp_path / f"{n}.ipynb" for n in names), "--out", tmp_path / "out", "--jobs", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    started = [Path(line.split()[1]).name for line in result.stdout.splitlines() if line.startswith("executing")]
+    assert set(started[:2]) == {"long.ipynb", "short.ipynb"} and started[2] == "never.ipynb"
