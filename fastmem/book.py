@@ -149,8 +149,34 @@ def execute(notebook: Path, output: Path, parameters: dict | None = None) -> Pat
             os.replace(partial, FAILED_DIR / output.name)
         partial.unlink(missing_ok=True)
         raise
+    _record_run(partial, parameters)
     os.replace(partial, output)
     return output
+
+
+def run_record(parameters: dict | None = None) -> dict:
+    """Where and with what a chapter was executed: the book's status page reads it from each chapter."""
+    import platform
+    from datetime import datetime, timezone
+    from importlib.metadata import version
+
+    import torch
+
+    return {
+        "param_set": (parameters or {}).get("param_set", "default"),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                   + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"),
+        "threads": os.environ.get("OMP_NUM_THREADS", "not set"),
+        "python": platform.python_version(),
+        "packages": {name: version(name) for name in ("fastmem", "torch", "transformers", "numpy", "scipy")},
+    }
+
+
+def _record_run(path: Path, parameters: dict | None) -> None:
+    nb = nbformat.read(str(path), as_version=4)
+    nb.metadata["fastmem"] = run_record(parameters)
+    nbformat.write(nb, str(path))
 
 
 def _one_line(error: BaseException) -> str:

@@ -240,3 +240,13 @@ def test_parallel_runs_start_with_the_longest_recorded_chapters(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     started = [Path(line.split()[1]).name for line in result.stdout.splitlines() if line.startswith("executing")]
     assert set(started[:2]) == {"long.ipynb", "short.ipynb"} and started[2] == "never.ipynb"
+
+
+def test_an_executed_chapter_records_where_and_with_what_it_ran(tmp_path):
+    from fastmem.book import execute
+
+    notebook = _write_notebook(tmp_path / "chapter.ipynb", "param_set = 'default'\nn = 1")
+    out = execute(notebook, tmp_path / "out" / "chapter.ipynb", {"param_set": "mine", "n": 2})
+    record = nbformat.read(str(out), as_version=4).metadata["fastmem"]
+    assert record["param_set"] == "mine" and record["python"].startswith("3.")
+    assert {"torch", "transformers", "fastmem"} <= record["packages"].keys()
