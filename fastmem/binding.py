@@ -5,6 +5,12 @@ at a chosen block; the value is chapter 1's correction at the statement's answer
 Read: the question's key retrieves the top-1 stored key by cosine similarity (one matrix
 product); the retrieved value is added to the state entering the output head at the answer
 position, and the model then generates greedily. The model's weights are never touched.
+Retrieval keys are projected and normalised once, when the memory is written.
+
+The selective memory (mode ``gated``) injects only when the prompt carries a stored context
+(some token's centred hidden state is close to a stored context state) and a stored word (the
+projected word key is close to a stored key), with thresholds fitted on held-out training words;
+the word is then retrieved among the entries of the inferred context only.
 """
 
 from __future__ import annotations
@@ -25,17 +31,29 @@ from .models import ModelInfo, model_info, transformer_blocks
 from .persistence import load_memory, save_memory
 
 MEMORY_KIND = "binding"
-MODES = ("both_top1", "context_gate", "raw_both_top1", "average", "dual_key", "dual_key_weighted")
+MODES = ("both_top1", "context_gate", "raw_both_top1", "average", "gated", "grace")
 VALUE_KINDS = ("iterated", "single_step")
 
 
 @dataclass
 class PromptStates:
-    """Hidden states at key tokens (``keys[name][block]``, one row per prompt) and answer states (chapter 2)."""
+    """Hidden states at key tokens (``keys[name][block]``, one row per prompt) and answer states (chapter 2).
+
+    ``tokens[block]`` holds every token's state (prompts x positions x width, left-padded) and
+    ``token_mask`` marks the real tokens: the gate looks for a stored context anywhere in the prompt.
+    """
 
     keys: dict[str, dict[int, torch.Tensor]]
     answer: fv.AnswerStates
     prefill: list[tuple[dict, object]] = field(default_factory=list)
+    tokens: dict[int, torch.Tensor] = field(default_factory=dict)
+    token_mask: torch.Tensor | None = None
+
+    def subset(self, rows: int) -> "PromptStates":
+        """The first ``rows`` prompts' keys and token states; answer states and caches are kept whole (chapter 2)."""
+        return PromptStates({name: {layer: k[:rows] for layer, k in per.items()} for name, per in self.keys.items()},
+                            self.answer, self.prefill, {layer: t[:rows] for layer, t in self.tokens.items()},
+                            None if self.token_mask is None else self.token_mask[:rows])
 
 
 def key_prefix(prompt: str, anchor: str | None = None) -> str:
@@ -64,7 +82,7 @@ def prompt_states(model: nn.Module, tokenizer, prompts: list[str], prefixes: dic
     changes only the head input at the answer position, which no cached key or value depends on.
     """
     keys = {name: {layer: [] for layer in layers} for name in prefixes}
-    answers, prefill = [], []
+    answers, prefill, tokens, masks = [], [], {layer: [] for layer in layers}, []
     for start in tqdm(range(0, len(prompts), batch_size), desc="forward passes", disable=not progress):
         chunk = prompts[start:start + batch_size]
         batch = fv.encode_prompts(model, tokenizer, chunk)
@@ -74,6 +92,9 @@ def prompt_states(model: nn.Module, tokenizer, prompts: list[str], prefixes: dic
             prefill.append((batch, out.past_key_values))
         width = batch["input_ids"].shape[1]
         rows = torch.arange(len(chunk))
+        masks.append(batch["attention_mask"].bool())
+        for layer in layers:
+            tokens[layer].append(out.hidden_states[layer + 1])
         for name, texts in prefixes.items():
             positions = []
             for prompt, prefix in zip(chunk, texts[start:start + batch_size]):
@@ -83,8 +104,13 @@ def prompt_states(model: nn.Module, tokenizer, prompts: list[str], prefixes: dic
                 positions.append(width - len(full) + len(head) - 1)
             for layer in layers:
                 keys[name][layer].append(out.hidden_states[layer + 1][rows, torch.tensor(positions)])
+    longest = max(m.shape[1] for m in masks)
+    left_pad = lambda t: nn.functional.pad(t, (0, 0, longest - t.shape[1], 0)) if t.dim() == 3 else \
+        nn.functional.pad(t, (longest - t.shape[1], 0))
     return PromptStates({name: {layer: torch.cat(parts) for layer, parts in per_layer.items()}
-                         for name, per_layer in keys.items()}, fv.concat_states(answers), prefill)
+                         for name, per_layer in keys.items()}, fv.concat_states(answers), prefill,
+                        {layer: torch.cat([left_pad(t) for t in parts]) for layer, parts in tokens.items()},
+                        torch.cat([left_pad(m) for m in masks]))
 
 
 class KeyProjector(nn.Module):
@@ -129,7 +155,8 @@ def train_projector(queries: torch.Tensor, stored: torch.Tensor, key_dim: int = 
 class BindingMemory:
     """Stored bindings: raw key states, context states and values, with what they were written from (chapter 2).
 
-    Keys are kept raw; each mode maps them (a learned projector, or nothing) at retrieval time.
+    Raw states are kept for the raw-key baseline and the gate; ``retrieval_keys`` are the learned
+    keys, projected and normalised once at write time (:meth:`project`), never on each read.
     :func:`write_memory` also records the block the keys were read at, the value kind and the
     model, which :meth:`save` writes to a memory file and :meth:`load` checks.
     """
@@ -141,9 +168,28 @@ class BindingMemory:
     layer: int | None = None
     value_kind: str | None = None
     model: ModelInfo | None = None
+    retrieval_keys: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.bindings)
+
+    @torch.no_grad()
+    def project(self, projector: "KeyProjector") -> "BindingMemory":
+        """Compute the learned retrieval keys of every stored entry, once (chapter 2)."""
+        self.retrieval_keys = nn.functional.normalize(projector(self.symbol_states), dim=-1)
+        return self
+
+    def learned_keys(self) -> torch.Tensor:
+        """The retrieval keys computed by :meth:`project`; a memory without them cannot serve learned modes (chapter 2)."""
+        if self.retrieval_keys is None:
+            raise ParameterError("this memory has no retrieval keys: call memory.project(projector) once after writing")
+        return self.retrieval_keys
+
+    def head(self, size: int) -> "BindingMemory":
+        """The memory of the first ``size`` entries (chapter 2: capacity)."""
+        keys = None if self.retrieval_keys is None else self.retrieval_keys[:size]
+        return BindingMemory(self.symbol_states[:size], self.context_states[:size], self.values[:size],
+                             self.bindings[:size], self.layer, self.value_kind, self.model, keys)
 
     @classmethod
     def empty(cls, width: int) -> "BindingMemory":
@@ -155,6 +201,8 @@ class BindingMemory:
             raise ParameterError("BindingMemory.save: this memory does not record its model (write_memory records it): "
                                  "set memory.model = fastmem.models.model_info(model) first")
         tensors = {"symbol_states": self.symbol_states, "context_states": self.context_states, "values": self.values}
+        if self.retrieval_keys is not None:
+            tensors["retrieval_keys"] = self.retrieval_keys
         settings = {"bindings": [asdict(b) for b in self.bindings], "layer": self.layer, "value_kind": self.value_kind}
         return save_memory(path, MEMORY_KIND, tensors, settings, self.model)
 
@@ -164,7 +212,7 @@ class BindingMemory:
         return load_memory(path, MEMORY_KIND, model).rebuild(lambda stored: cls(
             stored.tensors["symbol_states"], stored.tensors["context_states"], stored.tensors["values"],
             [tasks.Binding(**b) for b in stored.settings["bindings"]], stored.settings["layer"],
-            stored.settings["value_kind"], model_info(model)))
+            stored.settings["value_kind"], model_info(model), stored.tensors.get("retrieval_keys")))
 
 
 def retrieve(queries: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor | None = None
@@ -192,25 +240,140 @@ def memory_values(model: nn.Module, answer: fv.AnswerStates, targets: torch.Tens
 
 
 def write_memory(model: nn.Module, tokenizer, write: PromptStates, bindings: list[tasks.Binding], layer: int,
-                 value_kind: str = "iterated", step: float = 4.0, n_steps: int = 5) -> BindingMemory:
-    """Write every binding from its write statement's states (chapter 2); no gradient, no weight change."""
+                 value_kind: str = "iterated", step: float = 4.0, n_steps: int = 5,
+                 projector: KeyProjector | None = None) -> BindingMemory:
+    """Write every binding from its write statement's states (chapter 2); no gradient, no weight change.
+
+    With ``projector`` the retrieval keys are projected here, once.
+    """
     targets = torch.tensor(tasks.label_token_ids(tokenizer, [b.label for b in bindings]))
     values = memory_values(model, write.answer, targets, value_kind, step, n_steps)
-    return BindingMemory(write.keys["symbol"][layer], write.keys["context"][layer], values, list(bindings),
-                         layer, value_kind, model_info(model))
+    memory = BindingMemory(write.keys["symbol"][layer], write.keys["context"][layer], values, list(bindings),
+                           layer, value_kind, model_info(model))
+    return memory if projector is None else memory.project(projector)
+
+
+@dataclass
+class ContextGate:
+    """When the selective memory may inject, fitted on held-out training words (chapter 2).
+
+    ``centre`` is the mean hidden state of training prompts' tokens; a stored context is present
+    when some token of the prompt, centred, has cosine at least ``context_threshold`` with a
+    stored (centred) context state; a stored word is present when the projected word key has
+    cosine at least ``word_threshold`` with a retrieval key of the inferred context.
+    """
+
+    centre: torch.Tensor
+    context_threshold: float
+    word_threshold: float
+
+
+def context_presence(query: PromptStates, memory: BindingMemory, layer: int, centre: torch.Tensor) -> torch.Tensor:
+    """For every prompt and stored entry, the best cosine of any prompt token with the entry's context state (chapter 2).
+
+    Found from the forward pass alone: no context string of the prompt is used.
+    """
+    tokens = nn.functional.normalize(query.tokens[layer] - centre, dim=-1)
+    stored = nn.functional.normalize(memory.context_states - centre, dim=-1)
+    similarity = torch.einsum("ptd,ed->pte", tokens, stored)
+    return similarity.masked_fill(~query.token_mask[:, :, None], -torch.inf).max(dim=1).values
+
+
+def gate_scores(memory: BindingMemory, query: PromptStates, layer: int, projector: KeyProjector,
+                centre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Context score, word score and chosen entry of every prompt for the selective memory (chapter 2).
+
+    The inferred context is the stored context with the highest presence; the word is retrieved
+    among that context's entries by the learned keys.
+    """
+    presence = context_presence(query, memory, layer, centre)
+    context_score, best_entry = presence.max(dim=-1)
+    contexts = [b.context for b in memory.bindings]
+    allowed = torch.tensor([[c == contexts[e] for c in contexts] for e in best_entry.tolist()], dtype=torch.bool)
+    index, word_score = retrieve(projector(query.keys["symbol"][layer]), memory.learned_keys(), allowed)
+    return context_score, word_score, index
+
+
+def separating_threshold(positives: torch.Tensor, negatives: torch.Tensor) -> float:
+    """The cosine cut that maximises (positives accepted) - (negatives accepted); the middle of the best range (chapter 2)."""
+    candidates = torch.linspace(-1, 1, 801)
+    accept = lambda scores: (scores[None, :] >= candidates[:, None]).float().mean(dim=1)
+    margin = accept(positives) - accept(negatives)
+    best = candidates[margin == margin.max()]
+    return float((best.min() + best.max()) / 2)
+
+
+@torch.no_grad()
+def fit_gate(memory: BindingMemory, read: PromptStates, plain: PromptStates, unrelated: PromptStates, layer: int,
+             projector: KeyProjector, centre: torch.Tensor) -> ContextGate:
+    """Fit the gate's two thresholds on held-out TRAINING words, never on evaluation words (chapter 2).
+
+    Context: read questions (context named) against plain and unrelated questions (none named).
+    Word: read questions against unrelated questions (no stored word).
+    """
+    scores = {name: gate_scores(memory, states, layer, projector, centre)
+              for name, states in (("read", read), ("plain", plain), ("unrelated", unrelated))}
+    context_threshold = separating_threshold(scores["read"][0], torch.cat([scores["plain"][0], scores["unrelated"][0]]))
+    word_threshold = separating_threshold(scores["read"][1], scores["unrelated"][1])
+    return ContextGate(centre, context_threshold, word_threshold)
+
+
+@dataclass
+class Codebook:
+    """A GRACE-style codebook, the baseline of chapter 2: raw word keys, one deferral radius per entry, replacements.
+
+    A query whose raw key has cosine at least ``thresholds[e]`` with entry ``e`` (its nearest) gets
+    its head input at the answer position *replaced* by ``replacements[e]`` (the write statement's
+    head input moved by the stored value); otherwise the model is left alone.
+    """
+
+    keys: torch.Tensor
+    thresholds: torch.Tensor
+    replacements: torch.Tensor
+
+
+def grace_codebook(memory: BindingMemory, write: PromptStates, initial_threshold: float) -> Codebook:
+    """Build the codebook; as in GRACE, an entry's radius shrinks so that it does not reach a conflicting entry (chapter 2).
+
+    A conflicting entry is one with another label: the radius ends halfway to the nearest one.
+    """
+    keys = nn.functional.normalize(memory.symbol_states, dim=-1)
+    cosine = keys @ keys.T
+    labels = [b.label for b in memory.bindings]
+    conflict = torch.tensor([[a != b for b in labels] for a in labels], dtype=torch.bool)
+    nearest_conflict = cosine.masked_fill(~conflict, -1.0).max(dim=-1).values
+    thresholds = torch.maximum(torch.full_like(nearest_conflict, initial_threshold), (1 + nearest_conflict) / 2)
+    return Codebook(memory.symbol_states, thresholds, write.answer.head_input + memory.values)
+
+
+@torch.no_grad()
+def fit_grace_threshold(memory: BindingMemory, read: PromptStates, plain: PromptStates, unrelated: PromptStates,
+                        layer: int) -> float:
+    """The codebook's initial radius (a raw-key cosine), fitted on held-out TRAINING words like the gate (chapter 2)."""
+    best = {name: retrieve(s.keys["symbol"][layer], memory.symbol_states)[1]
+            for name, s in (("read", read), ("plain", plain), ("unrelated", unrelated))}
+    return separating_threshold(best["read"], torch.cat([best["plain"], best["unrelated"]]))
+
+
+def token_centre(states: list[PromptStates], layer: int) -> torch.Tensor:
+    """Mean hidden state over the real tokens of training prompts: the gate's centre (chapter 2)."""
+    return torch.cat([s.tokens[layer][s.token_mask] for s in states]).mean(dim=0)
 
 
 @torch.no_grad()
 def select_values(memory: BindingMemory, mode: str, query: PromptStates, layer: int,
-                  projector: KeyProjector | None = None, query_contexts: list[str] | None = None,
-                  threshold: float | None = None, weight: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+                  projector: KeyProjector | None = None, query_contexts: list[str | None] | None = None,
+                  threshold: float | None = None, gate: ContextGate | None = None, codebook: Codebook | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The value each query receives under ``mode``, and the entry retrieved (-1: nothing) (chapter 2).
 
-    ``both_top1``: learned keys, all contexts in one memory. ``context_gate``: the oracle restricts
-    each query to its own context's entries (needs ``query_contexts``). ``raw_both_top1``: raw
-    hidden states as keys. ``average``: the retrieved word's values averaged over its contexts.
-    ``dual_key``: learned symbol similarity times raw context similarity; ``dual_key_weighted``:
-    ``weight * symbol + (1 - weight) * context``. Below ``threshold`` nothing is injected.
+    ``both_top1``: learned keys, all contexts in one memory. ``context_gate``: an oracle told the
+    context each prompt names (``query_contexts``; None for a prompt that names none, which is
+    then not restricted) and nothing else. ``raw_both_top1``: raw hidden states as keys.
+    ``average``: the retrieved word's values averaged over its contexts. ``gated``: the selective
+    memory (:class:`ContextGate`). ``grace``: the codebook baseline (:class:`Codebook`); its value
+    is what turns the query's head input into the replacement. Below ``threshold`` (learned-key
+    cosine) nothing is injected.
     """
     if mode not in MODES:
         raise ParameterError(f"unknown memory mode {mode!r}: use one of {MODES}")
@@ -218,46 +381,54 @@ def select_values(memory: BindingMemory, mode: str, query: PromptStates, layer: 
     n, width = len(symbol), memory.values.shape[1]
     if len(memory) == 0:
         return torch.zeros(n, width), torch.full((n,), -1)
+    if mode == "grace":
+        if codebook is None:
+            raise ParameterError("mode 'grace' needs a Codebook (grace_codebook)")
+        index, best = retrieve(symbol, codebook.keys)
+        miss = best < codebook.thresholds[index]
+        values = codebook.replacements[index] - query.answer.head_input
+        values[miss] = 0
+        return values, index.masked_fill(miss, -1)
     if mode != "raw_both_top1" and projector is None:
         raise ParameterError(f"mode {mode!r} needs the learned key projector")
-    keys, queries = ((memory.symbol_states, symbol) if mode == "raw_both_top1"
-                     else (projector(memory.symbol_states), projector(symbol)))
-    allowed = None
-    if mode == "context_gate":
-        if query_contexts is None:
-            raise ParameterError("context_gate needs the query contexts (it is an oracle)")
-        stored = [b.context for b in memory.bindings]
-        allowed = torch.tensor([[c == s for s in stored] for c in query_contexts])
-    if mode.startswith("dual_key"):
-        symbol_sim = queries @ keys.T
-        context_sim = (nn.functional.normalize(query.keys["context"][layer], dim=-1)
-                       @ nn.functional.normalize(memory.context_states, dim=-1).T)
-        score = (symbol_sim.clamp(min=0) * context_sim.clamp(min=0) if mode == "dual_key"
-                 else weight * symbol_sim + (1 - weight) * context_sim)
-        best, index = score.max(dim=-1)
+    if mode == "gated":
+        if gate is None:
+            raise ParameterError("mode 'gated' needs a ContextGate fitted on training words (fit_gate)")
+        context_score, best, index = gate_scores(memory, query, layer, projector, gate.centre)
+        miss = (context_score < gate.context_threshold) | (best < gate.word_threshold)
     else:
+        allowed = None
+        if mode == "context_gate":
+            if query_contexts is None:
+                raise ParameterError("context_gate needs the contexts the prompts name (it is an oracle)")
+            stored = [b.context for b in memory.bindings]
+            allowed = torch.tensor([[c is None or c == s for s in stored] for c in query_contexts], dtype=torch.bool)
+        keys, queries = ((memory.symbol_states, symbol) if mode == "raw_both_top1"
+                         else (memory.learned_keys(), projector(symbol)))
         index, best = retrieve(queries, keys, allowed)
+        miss = best < threshold if threshold is not None else torch.zeros(n, dtype=torch.bool)
     values = memory.values[index].clone()
     if mode == "average":
         words = [b.word for b in memory.bindings]
         for row, entry in enumerate(index.tolist()):
             same = [i for i, w in enumerate(words) if w == words[entry]]
             values[row] = memory.values[same].mean(dim=0)
-    if threshold is not None:
-        miss = best < threshold
-        values[miss] = 0
-        index = index.masked_fill(miss, -1)
-    return values, index
+    values[miss] = 0
+    return values, index.masked_fill(miss, -1)
 
 
 def encode_bindings(model: nn.Module, tokenizer, bindings: list[tasks.Binding], layers: list[int],
-                    templates: tasks.Templates = tasks.Templates(), kinds=("write", "read", "plain"),
-                    keep_cache: bool = True) -> dict[str, PromptStates]:
-    """States of each binding's write statement, read question and contextless question (chapter 2)."""
+                    templates: tasks.Templates | list[tasks.Templates] = tasks.Templates(),
+                    kinds=("write", "read", "plain"), keep_cache: bool = True) -> dict[str, PromptStates]:
+    """States of each binding's write statement, read question and contextless question (chapter 2).
+
+    ``templates`` is one :class:`tasks.Templates` for all bindings or one per binding.
+    """
     prompt_of = {"write": tasks.write_prompt, "read": tasks.read_prompt, "plain": tasks.plain_prompt}
+    per_binding = templates if isinstance(templates, list) else [templates] * len(bindings)
     states = {}
     for kind in kinds:
-        prompts = [prompt_of[kind](b, templates) for b in bindings]
+        prompts = [prompt_of[kind](b, t) for b, t in zip(bindings, per_binding)]
         prefixes = {"symbol": [key_prefix(p, b.word) for p, b in zip(prompts, bindings)],
                     "context": [key_prefix(p, b.context) for p, b in zip(prompts, bindings)]}
         states[kind] = prompt_states(model, tokenizer, prompts, prefixes, layers, keep_cache=keep_cache)
@@ -272,12 +443,13 @@ def encode_unrelated(model: nn.Module, tokenizer, prompts: list[str], layers: li
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, states: PromptStates, injections: torch.Tensor | None = None,
-             max_new_tokens: int = 3) -> list[str]:
+             max_new_tokens: int = 3, forced_first: torch.Tensor | None = None) -> list[str]:
     """Greedy continuations of prompts prefilled by :func:`prompt_states` with ``keep_cache``.
 
     ``injections[i]`` is added to the head input at prompt i's answer position, the forward pass
     that produces the first generated token; later tokens are generated plainly. Without
-    injections this is plain greedy decoding (chapter 2).
+    injections this is plain greedy decoding (chapter 2). Where ``forced_first[i] >= 0`` it is
+    prompt i's first token instead (the kNN-LM-style copy baseline).
     """
     if not states.prefill:
         raise ParameterError("generate needs prompt states computed with keep_cache=True")
@@ -285,6 +457,8 @@ def generate(model: nn.Module, tokenizer, states: PromptStates, injections: torc
     if injections is not None:
         head_input = head_input + injections
     first_tokens = fv.head_logits(model, head_input).argmax(dim=-1)
+    if forced_first is not None:
+        first_tokens = torch.where(forced_first >= 0, forced_first, first_tokens)
     texts, start = [], 0
     for batch, past in states.prefill:
         rows = len(batch["input_ids"])
@@ -316,77 +490,121 @@ def contains_any(generations: list[str], label_sets: list[set[str]]) -> torch.Te
     return torch.tensor([float(first_word(g) in {l.lower() for l in labels}) for g, labels in zip(generations, label_sets)])
 
 
+def changed(generations: list[str], reference: list[str]) -> torch.Tensor:
+    """1.0 where the first generated word differs from the model's without memory (chapter 2: locality)."""
+    return torch.tensor([float(first_word(a) != first_word(b)) for a, b in zip(generations, reference)])
+
+
+def forced_choice(model: nn.Module, tokenizer, head_input: torch.Tensor, labels: list[str], choices: list[str]
+                  ) -> torch.Tensor:
+    """1.0 where, among ``choices``, the model ranks the label's token highest at the answer position (chapter 2).
+
+    Scores the memory's content, not the answer's format: a newline or "The" cannot make it miss.
+    """
+    choice_ids = torch.tensor(tasks.label_token_ids(tokenizer, choices))
+    picked = fv.head_logits(model, head_input)[:, choice_ids].argmax(dim=-1)
+    return torch.tensor([float(choices[i] == label) for i, label in zip(picked.tolist(), labels)])
+
+
+COPY_MODE = "knn_copy"
+COLUMNS = ("write", "read", "read_forced", "retrieval", "plain_any", "plain_changed", "unrelated_any",
+           "unrelated_changed", "write_token", "read_token")
+
+
 def score_columns(model: nn.Module, tokenizer, memory: BindingMemory, mode: str, states: dict[str, PromptStates],
                   unrelated: PromptStates, bindings: list[tasks.Binding], layer: int, projector: KeyProjector | None,
-                  alpha: float = 1.0, threshold: float | None = None, weight: float = 0.5,
-                  max_new_tokens: int = 3, unrelated_plain: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Per-prompt scores of the seed's columns for one mode (chapter 2).
+                  reference: dict[str, list[str]], choices: list[str], alpha: float = 1.0,
+                  threshold: float | None = None, gate: ContextGate | None = None,
+                  max_new_tokens: int = 3, codebook: Codebook | None = None) -> dict[str, torch.Tensor]:
+    """Per-prompt scores of every column for one memory row (chapter 2); see :data:`COLUMNS`.
 
-    ``write``/``read``: the first generated word is the label (write statement / question).
-    ``plain``: the contextless question answers with one of the word's stored labels (a false recall).
-    ``unrelated``: a prompt naming no invented word answers with the retrieved entry's label.
-    ``write_token``/``read_token``: the first generated token is the label's token, whatever follows
-    (the first word can still miss: " cow" + "boy").
-    ``unrelated_changed``: its first word differs from the model's without memory (editing's locality);
-    pass the memory-free generations as ``unrelated_plain`` to avoid recomputing them for every mode.
+    ``write``/``read``: the first generated word is the label. ``read_forced``: among ``choices``
+    the label ranks highest. ``retrieval``: the read question retrieves its own entry.
+    ``plain_any``/``unrelated_any``: a contextless / unrelated question answers with ANY stored
+    label; ``plain_changed``/``unrelated_changed``: its first word differs from the model's without
+    memory (``reference``: the memory-free generations, keys "plain" and "unrelated").
+    ``write_token``/``read_token``: the first generated token is the label's token.
+    The oracle ``context_gate`` is told the context each prompt names: the binding's for write and
+    read, none for plain and unrelated questions. Mode :data:`COPY_MODE` is the kNN-LM-style
+    baseline: ``both_top1`` retrieval, and the retrieved entry's label token is copied as the
+    first generated token (a kNN distribution with all its weight on one entry) instead of adding a value.
     """
-    contexts = [b.context for b in bindings]
-    labels_of_word: dict[str, set[str]] = {}
-    for b in memory.bindings:
-        labels_of_word.setdefault(b.word, set()).add(b.label)
-    targets = torch.tensor(tasks.label_token_ids(tokenizer, [b.label for b in bindings]))
+    stored_labels = {b.label for b in memory.bindings}
+    labels = [b.label for b in bindings]
+    targets = torch.tensor(tasks.label_token_ids(tokenizer, labels))
+    named = {"write": [b.context for b in bindings], "read": [b.context for b in bindings],
+             "plain": [None] * len(bindings), "unrelated": [None] * len(unrelated.keys["symbol"][layer])}
     scores = {}
-    for column in ("write", "read", "plain"):
-        values, _ = select_values(memory, mode, states[column], layer, projector, contexts, threshold, weight)
-        texts = generate(model, tokenizer, states[column], alpha * values, max_new_tokens)
-        scores[column] = (exact_match(texts, [b.label for b in bindings]) if column != "plain"
-                          else contains_any(texts, [labels_of_word.get(b.word, set()) for b in bindings]))
-        if column != "plain":
-            first = fv.head_logits(model, states[column].answer.head_input + alpha * values).argmax(dim=-1)
+    for column in ("write", "read", "plain", "unrelated"):
+        column_states = unrelated if column == "unrelated" else states[column]
+        copy = mode == COPY_MODE
+        values, index = select_values(memory, "both_top1" if copy else mode, column_states, layer, projector,
+                                      named[column], threshold, gate, codebook)
+        if copy:
+            values = torch.zeros_like(values)
+            stored_ids = torch.tensor(tasks.label_token_ids(tokenizer, [b.label for b in memory.bindings]))
+            copied = torch.where(index >= 0, stored_ids[index.clamp(min=0)], -1)
+        texts = generate(model, tokenizer, column_states, alpha * values, max_new_tokens, copied if copy else None)
+        head_input = column_states.answer.head_input + alpha * values
+        if column in ("write", "read"):
+            scores[column] = exact_match(texts, labels)
+            first = copied if copy else fv.head_logits(model, head_input).argmax(dim=-1)
             scores[f"{column}_token"] = (first == targets).float()
-    values, index = select_values(memory, mode if mode != "context_gate" else "both_top1", unrelated, layer,
-                                  projector, None, threshold, weight)
-    texts = generate(model, tokenizer, unrelated, alpha * values, max_new_tokens)
-    plain_texts = unrelated_plain or generate(model, tokenizer, unrelated, None, max_new_tokens)
-    retrieved = [{memory.bindings[i].label} if i >= 0 else set() for i in index.tolist()]
-    scores["unrelated"] = contains_any(texts, retrieved)
-    scores["unrelated_changed"] = torch.tensor([float(first_word(a) != first_word(b)) for a, b in zip(texts, plain_texts)])
-    return scores
+        else:
+            scores[f"{column}_any"] = contains_any(texts, [stored_labels] * len(texts))
+            scores[f"{column}_changed"] = changed(texts, reference[column])
+        if column == "read":
+            scores["read_forced"] = (torch.tensor([float(memory.bindings[i].label == l) for i, l in zip(index.tolist(), labels)])
+                                     if copy else forced_choice(model, tokenizer, head_input, labels, choices))
+            entry = {(b.word, b.context): i for i, b in enumerate(memory.bindings)}
+            scores["retrieval"] = torch.tensor([float(entry.get((b.word, b.context), -2) == i)
+                                                for b, i in zip(bindings, index.tolist())])
+    return {column: scores[column] for column in COLUMNS}
 
 
 def in_context_prompts(bindings: list[tasks.Binding], all_bindings: list[tasks.Binding],
-                       templates: tasks.Templates = tasks.Templates()) -> list[str]:
-    """The in-context baseline: every write statement about the word, then the question (chapter 2)."""
+                       templates: tasks.Templates | list[tasks.Templates] = tasks.Templates(),
+                       examples: list[tasks.Binding] = ()) -> list[str]:
+    """The in-context baseline: worked examples, every write statement about the word, then the question (chapter 2).
+
+    A worked example is a statement about another word, its question and the answer, one per
+    line: it shows the model the answer format, so that format is not what the baseline misses.
+    """
+    per_binding = templates if isinstance(templates, list) else [templates] * len(all_bindings)
+    template_of = {(b.word, b.context): t for b, t in zip(all_bindings, per_binding)}
     statements: dict[str, list[str]] = {}
     for b in all_bindings:
-        statements.setdefault(b.word, []).append(templates.write.format(word=b.word, context=b.context, label=b.label))
-    return [". ".join(statements[b.word]) + ". " + tasks.read_prompt(b, templates) for b in bindings]
+        statements.setdefault(b.word, []).append(template_of[(b.word, b.context)].write.format(
+            word=b.word, context=b.context, label=b.label))
+    first = per_binding[0]
+    shown = "".join(f"{first.write.format(word=e.word, context=e.context, label=e.label)}. "
+                    f"{tasks.read_prompt(e, first)} {e.label}\n" for e in examples)
+    return [shown + ". ".join(statements[b.word]) + ". " + tasks.read_prompt(b, template_of[(b.word, b.context)])
+            for b in bindings]
 
 
 def calibrate_threshold(projector: KeyProjector, memory: BindingMemory, read: PromptStates, plain: PromptStates,
                         unrelated: PromptStates, layer: int) -> float:
-    """The similarity threshold that best separates read questions from plain and unrelated ones.
+    """The learned-key cosine threshold that best separates read questions from plain and unrelated ones.
 
-    Fitted on TRAINING bindings only: maximises (reads accepted) - (plain or unrelated accepted) (chapter 2).
+    Fitted on held-out TRAINING words only (:func:`separating_threshold`) (chapter 2).
     """
-    keys = projector(memory.symbol_states)
-    best = {name: (projector(s.keys["symbol"][layer]) @ keys.T).max(dim=-1).values
+    best = {name: retrieve(projector(s.keys["symbol"][layer]), memory.learned_keys())[1]
             for name, s in (("read", read), ("plain", plain), ("unrelated", unrelated))}
-    candidates = torch.linspace(-1, 1, 401)
-    accept = lambda sims: (sims[None, :] >= candidates[:, None]).float().mean(dim=1)
-    margin = accept(best["read"]) - torch.maximum(accept(best["plain"]), accept(best["unrelated"]))
-    return candidates[int(margin.argmax())].item()
+    return separating_threshold(best["read"], torch.cat([best["plain"], best["unrelated"]]))
 
 
-def fit_dual_weight(projector: KeyProjector, memory: BindingMemory, read: PromptStates, layer: int,
-                    grid: int = 21) -> float:
-    """The symbol-vs-context weight of ``dual_key_weighted`` with the best retrieval on training bindings (chapter 2)."""
-    truth = torch.arange(len(memory))
-    accuracy = []
-    for weight in torch.linspace(0, 1, grid).tolist():
-        _, index = select_values(memory, "dual_key_weighted", read, layer, projector, weight=weight)
-        accuracy.append(((index == truth).float().mean().item(), weight))
-    return max(accuracy)[1]
+def synthetic_memory(entries: int, width: int, key_dim: int, seed: int) -> BindingMemory:
+    """A memory of ``entries`` random retrieval keys for timing (chapter 2: cost).
+
+    Retrieval cost depends on the number and size of keys, not their content; the raw states and
+    values are one shared random row each (an expanded view), so a million entries fit in memory.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    row = lambda scale: (scale * torch.randn(1, width, generator=generator)).expand(entries, width)
+    keys = nn.functional.normalize(torch.randn(entries, key_dim, generator=generator), dim=-1)
+    return BindingMemory(row(1.0), row(1.0), row(0.01), [tasks.Binding("w", "c", "red")] * entries,
+                         retrieval_keys=keys)
 
 
 @contextlib.contextmanager
@@ -395,13 +613,13 @@ def attached(model: nn.Module, memory: BindingMemory, projector: KeyProjector | 
     """Serve the memory inside the model's own forward pass, as a deployed memory would (chapter 2).
 
     On the prompt's forward pass a hook on block ``layer`` reads the key at ``key_position``, one
-    matrix product retrieves the top-1 entry, and a hook on the head adds ``alpha`` times its value
+    matrix product with the keys projected at write time retrieves the top-1 entry, and a hook on the head adds ``alpha`` times its value
     at the answer position. Later (one-token) passes are left alone. Weights are never touched.
     """
     if len(memory) == 0:
         yield
         return
-    keys = nn.functional.normalize(memory.symbol_states if projector is None else projector(memory.symbol_states), dim=-1)
+    keys = nn.functional.normalize(memory.symbol_states, dim=-1) if projector is None else memory.learned_keys()
     pending: dict[str, torch.Tensor] = {}
 
     def read_key(module, args, output):

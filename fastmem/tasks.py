@@ -15,9 +15,13 @@ LABELS = (
 )
 CONTEXTS = {
     "train": ("game A", "game B"),
-    "new_cd": ("game C", "game D"),
-    "north_south": ("lab north", "lab south"),
 }
+# Context pairs of different styles (games, places, times, people, sources, activities): chapter 2
+# trains the key projector and the gate on the first three and evaluates on all of them.
+CONTEXT_PAIRS = (
+    ("game A", "game B"), ("the morning", "the evening"), ("Paris", "Tokyo"),
+    ("chess", "poker"), ("Alice's notes", "Bob's notes"), ("the old book", "the new book"),
+)
 ONSETS = ("b", "bl", "br", "d", "dr", "f", "fl", "g", "gl", "gr", "k", "kl", "m", "n", "p", "pl", "pr",
           "s", "sk", "sl", "sn", "t", "tr", "v", "w", "z")
 NUCLEI = ("a", "e", "i", "o", "u", "ee", "oo", "ai", "ou")
@@ -61,7 +65,75 @@ class Templates:
         "Question: what season follows winter? Answer:",
         "Question: what do you read? Answer:",
         "Question: what colour is an orange? Answer:",
+        "Question: what is the capital of Italy? Answer:",
+        "Question: how many legs does a spider have? Answer:",
+        "Question: what is the opposite of up? Answer:",
+        "Question: what do plants need to grow? Answer:",
+        "Question: what is the tallest animal? Answer:",
+        "Question: what is the capital of Japan? Answer:",
+        "Question: how many days are in a week? Answer:",
+        "Question: what do you use to write? Answer:",
+        "Question: what is the colour of the sun? Answer:",
+        "Question: what animal gives us wool? Answer:",
+        "Question: what is the first month of the year? Answer:",
+        "Question: what metal is a coin made of? Answer:",
+        "Question: what do fish live in? Answer:",
+        "Question: what is the largest planet? Answer:",
+        "Question: what animal is known for its stripes? Answer:",
+        "Question: what do you wear on your feet? Answer:",
+        "Question: what is the sound a cat makes? Answer:",
+        "Question: what is the boiling point of water? Answer:",
+        "Question: what colour is a ripe tomato? Answer:",
+        "Question: what do birds build? Answer:",
+        "Question: what is the capital of Spain? Answer:",
+        "Question: what instrument has black and white keys? Answer:",
+        "Question: what animal carries its home on its back? Answer:",
+        "Question: what is the main language of Brazil? Answer:",
+        "Question: what do you call a baby dog? Answer:",
+        "Question: what shape has three sides? Answer:",
+        "Question: what is the opposite of big? Answer:",
+        "Question: what do you call a person who flies planes? Answer:",
+        "Question: what colour are leaves in spring? Answer:",
+        "Question: what fruit keeps the doctor away? Answer:",
+        "Question: what is the capital of Germany? Answer:",
+        "Question: how many hours are in a day? Answer:",
+        "Question: what do you use to cut paper? Answer:",
+        "Question: what animal is the king of the jungle? Answer:",
+        "Question: what is the colour of milk? Answer:",
+        "Question: what sport uses a racket? Answer:",
+        "Question: what is the opposite of day? Answer:",
+        "Question: what gas do plants breathe in? Answer:",
+        "Question: what do bakers make? Answer:",
+        "Question: what is the name of our star? Answer:",
     )
+
+
+# Template families (chapter 2): every write template names the context and the word before the
+# label; read templates ask in several word orders, one with the context after the word. The
+# projector and gate train on the first two of each family; the others are unseen templates.
+WRITE_TEMPLATES = (
+    "In {context}, {word} means {label}",
+    "In {context}, the word {word} stands for {label}",
+    "Note about {context}: {word} is the name for {label}",
+    "Remember that in {context} a {word} is a {label}",
+)
+READ_TEMPLATES = (
+    "Question: in {context}, what is {word}? Answer:",
+    "Question: what does {word} mean in {context}? Answer:",
+    "Question: thinking of {context}, what is a {word}? Answer:",
+    "Question: in {context}, what does the word {word} stand for? Answer:",
+)
+PLAIN_TEMPLATES = (
+    "Question: what is {word}? Answer:",
+    "Question: what does {word} mean? Answer:",
+    "Question: what is a {word}? Answer:",
+    "Question: what does the word {word} stand for? Answer:",
+)
+
+
+def template_family(indices) -> list["Templates"]:
+    """The :class:`Templates` of the family members ``indices`` (write i, read i, plain i; chapter 2)."""
+    return [Templates(write=WRITE_TEMPLATES[i], read=READ_TEMPLATES[i], plain=PLAIN_TEMPLATES[i]) for i in indices]
 
 
 @dataclass(frozen=True)
@@ -99,6 +171,22 @@ def make_bindings(words, contexts, labels, seed: int) -> list[Binding]:
         chosen = rng.sample(list(labels), len(contexts))
         bindings.extend(Binding(word, context, label) for context, label in zip(contexts, chosen))
     return bindings
+
+
+def make_family_bindings(words, context_pairs, labels, seed: int) -> list[Binding]:
+    """Word i is bound in both contexts of pair ``i % len(context_pairs)`` (chapter 2)."""
+    bindings = []
+    for index, word in enumerate(words):
+        bindings.extend(make_bindings([word], context_pairs[index % len(context_pairs)], labels, seed * 100_003 + index))
+    return bindings
+
+
+def templates_for(bindings: list[Binding], family: list["Templates"]) -> list["Templates"]:
+    """One member of ``family`` per binding, rotating over the distinct words in order (chapter 2)."""
+    order: dict[str, int] = {}
+    for b in bindings:
+        order.setdefault(b.word, len(order))
+    return [family[order[b.word] % len(family)] for b in bindings]
 
 
 def write_prompt(binding: Binding, templates: Templates = Templates()) -> str:

@@ -91,10 +91,105 @@ def test_threshold_injects_nothing_for_a_query_that_matches_nothing(written):
     assert (index >= 0).all()
 
 
-def test_context_gate_only_retrieves_the_query_context(written):
+@pytest.fixture(scope="module")
+def gated(smollm2, written):
+    """A projector, a memory with its keys projected once, and a gate fitted on the same bindings."""
+    model, tokenizer, _ = smollm2
     bindings, states, memory, _ = written
+    projector = fb.train_projector(states["read"].keys["symbol"][LAYER], states["write"].keys["symbol"][LAYER], 16, 50)
+    projected = fb.BindingMemory(memory.symbol_states, memory.context_states, memory.values, memory.bindings,
+                                 memory.layer, memory.value_kind, memory.model).project(projector)
+    unrelated = fb.encode_unrelated(model, tokenizer, list(tasks.Templates().unrelated[:12]), [LAYER])
+    centre = fb.token_centre([states["write"], states["read"]], LAYER)
+    gate = fb.fit_gate(projected, states["read"], states["plain"], unrelated, LAYER, projector, centre)
+    return projector, projected, gate, unrelated
+
+
+def test_gate_injects_nothing_on_prompts_without_the_stored_word_or_context(smollm2, written, gated):
+    model, tokenizer, _ = smollm2
+    bindings, states, _, _ = written
+    projector, memory, gate, unrelated = gated
+    for no_cue in (states["plain"], unrelated):  # the word without a context; neither word nor context
+        values, index = fb.select_values(memory, "gated", no_cue, LAYER, projector, gate=gate)
+        assert (index == -1).all() and torch.equal(values, torch.zeros_like(values))
+        assert fb.generate(model, tokenizer, no_cue, values) == fb.generate(model, tokenizer, no_cue, None)
+    values, index = fb.select_values(memory, "gated", states["read"], LAYER, projector, gate=gate)
+    assert (index == torch.arange(len(bindings))).float().mean() >= 0.8  # the control: with both cues it injects
+    with pytest.raises(ParameterError, match="ContextGate"):
+        fb.select_values(memory, "gated", states["read"], LAYER, projector)
+
+
+def test_oracle_rows_receive_only_their_oracle(smollm2, written, gated):
+    model, tokenizer, _ = smollm2
+    bindings, states, _, _ = written
+    projector, memory, gate, unrelated = gated
+    no_context = [None] * len(bindings)
+    oracle = fb.select_values(memory, "context_gate", states["plain"], LAYER, projector, no_context)
+    blind = fb.select_values(memory, "both_top1", states["plain"], LAYER, projector)
+    assert torch.equal(oracle[1], blind[1])  # a prompt that names no context gets no help from the oracle
+    reference = {"plain": fb.generate(model, tokenizer, states["plain"], None),
+                 "unrelated": fb.generate(model, tokenizer, unrelated, None)}
+    labels = sorted({b.label for b in bindings})
+    rows = {mode: fb.score_columns(model, tokenizer, memory, mode, states, unrelated, bindings, LAYER, projector,
+                                   reference, labels) for mode in ("context_gate", "both_top1")}
+    for column in ("plain_any", "plain_changed", "unrelated_any", "unrelated_changed"):
+        assert torch.equal(rows["context_gate"][column], rows["both_top1"][column]), column
+
+
+def test_projected_keys_are_computed_once_at_write_time(smollm2, written, gated):
+    model, tokenizer, _ = smollm2
+    bindings, states, memory, _ = written
+    projector = gated[0]
+    seen = []
+    handle = projector.register_forward_hook(lambda module, args, output: seen.append(args[0].data_ptr()))
+    try:
+        projected = fb.write_memory(model, tokenizer, states["write"], bindings, LAYER, projector=projector)
+        assert seen.count(projected.symbol_states.data_ptr()) == 1
+        for _ in range(3):
+            fb.select_values(projected, "both_top1", states["read"], LAYER, projector)
+            fb.select_values(projected, "gated", states["read"], LAYER, projector, gate=gated[2])
+        prompt = tasks.read_prompt(bindings[0])
+        batch = {k: v for k, v in fv.encode_prompts(model, tokenizer, [prompt]).items() if k != "position_ids"}
+        key_position = len(tokenizer.encode(fb.key_prefix(prompt, bindings[0].word))) - 1
+        with fb.attached(model, projected, projector, LAYER, key_position):
+            model.generate(**batch, max_new_tokens=2, do_sample=False)
+        assert seen.count(projected.symbol_states.data_ptr()) == 1
+        assert len(seen) == 1 + 3 * 2 + 1  # after writing: one projection of the queries per read
+    finally:
+        handle.remove()
+    with pytest.raises(ParameterError, match="project"):
+        fb.select_values(memory, "both_top1", states["read"], LAYER, projector)
+
+
+def test_codebook_replaces_the_head_input_inside_its_radius_only(written, gated):
+    bindings, states, memory, _ = written
+    unrelated = gated[3]
+    codebook = fb.grace_codebook(memory, states["write"], initial_threshold=0.5)
+    values, index = fb.select_values(memory, "grace", states["write"], LAYER, codebook=codebook)
+    assert torch.equal(index, torch.arange(len(bindings)))  # each statement is inside its own entry's radius
+    assert torch.allclose(states["write"].answer.head_input + values, codebook.replacements, atol=1e-5)
+    values, index = fb.select_values(memory, "grace", unrelated, LAYER, codebook=codebook)
+    assert (index == -1).all() and torch.equal(values, torch.zeros_like(values))
+
+
+def test_knn_copy_answers_with_the_retrieved_label_token(smollm2, written, gated):
+    model, tokenizer, _ = smollm2
+    bindings, states, _, _ = written
+    projector, memory, _, unrelated = gated
+    reference = {"plain": fb.generate(model, tokenizer, states["plain"], None),
+                 "unrelated": fb.generate(model, tokenizer, unrelated, None)}
+    scores = fb.score_columns(model, tokenizer, memory, fb.COPY_MODE, states, unrelated, bindings, LAYER, projector,
+                              reference, sorted({b.label for b in bindings}))
+    _, index = fb.select_values(memory, "both_top1", states["read"], LAYER, projector)
+    retrieved_right = torch.tensor([float(memory.bindings[i] == b) for i, b in zip(index.tolist(), bindings)])
+    assert torch.equal(scores["read_token"], retrieved_right) and torch.equal(scores["retrieval"], retrieved_right)
+    assert scores["unrelated_any"].mean() >= 0.9  # it always copies: a stored label on unrelated questions
+
+
+def test_context_gate_only_retrieves_the_query_context(written, gated):
+    bindings, states, _, _ = written
+    projector, memory = gated[:2]
     contexts = ["game B"] * len(bindings)
-    projector = fb.train_projector(states["read"].keys["symbol"][LAYER], states["write"].keys["symbol"][LAYER], 16, 5)
     _, index = fb.select_values(memory, "context_gate", states["read"], LAYER, projector, contexts)
     assert all(memory.bindings[i].context == "game B" for i in index.tolist())
     with pytest.raises(ParameterError, match="oracle"):
@@ -123,9 +218,12 @@ def test_public_functions_accept_custom_contexts_and_templates(tiny_neox):
     memory = fb.write_memory(model, tokenizer, states["write"], bindings, 1, "single_step")
     projector = fb.train_projector(states["read"].keys["symbol"][1], states["write"].keys["symbol"][1], 8, 3)
     unrelated = fb.encode_unrelated(model, tokenizer, list(templates.unrelated), [1])
-    scores = fb.score_columns(model, tokenizer, memory, "both_top1", states, unrelated, bindings, 1, projector)
-    assert set(scores) == {"write", "read", "plain", "unrelated", "unrelated_changed", "write_token", "read_token"}
-    assert all(len(v) == (len(bindings) if k not in ("unrelated", "unrelated_changed") else 1) for k, v in scores.items())
+    reference = {"plain": fb.generate(model, tokenizer, states["plain"], None),
+                 "unrelated": fb.generate(model, tokenizer, unrelated, None)}
+    scores = fb.score_columns(model, tokenizer, memory.project(projector), "both_top1", states, unrelated, bindings, 1,
+                              projector, reference, ["red", "blue", "green"])
+    assert tuple(scores) == fb.COLUMNS
+    assert all(len(v) == (len(bindings) if not k.startswith("unrelated") else 1) for k, v in scores.items())
     assert fb.in_context_prompts(bindings[:1], bindings, templates)[0].startswith("On planet Mars the word zorp stands for")
 
 
@@ -133,18 +231,20 @@ def test_saved_memory_reloads_bit_exact_and_generates_the_same(tiny_neox, tmp_pa
     model, tokenizer, info = tiny_neox
     bindings = tasks.make_bindings(["zorp", "quib", "blick"], ("Mars", "Venus"), ("red", "blue", "green"), seed=0)
     states = fb.encode_bindings(model, tokenizer, bindings, [1])
-    memory = fb.write_memory(model, tokenizer, states["write"], bindings, 1, "single_step")
+    projector = fb.train_projector(states["read"].keys["symbol"][1], states["write"].keys["symbol"][1], 8, 3)
+    memory = fb.write_memory(model, tokenizer, states["write"], bindings, 1, "single_step", projector=projector)
     assert (memory.layer, memory.value_kind, memory.model) == (1, "single_step", info)
     loaded = fb.BindingMemory.load(memory.save(tmp_path / "memory.safetensors"), model)
-    for name in ("symbol_states", "context_states", "values"):
+    for name in ("symbol_states", "context_states", "values", "retrieval_keys"):
         original, copy = getattr(memory, name), getattr(loaded, name)
         assert original.dtype == copy.dtype and torch.equal(original, copy), name
     assert (loaded.bindings, loaded.layer, loaded.value_kind, loaded.model) == (bindings, 1, "single_step", info)
     generations = []
     for stored in (memory, loaded):
-        values, _ = fb.select_values(stored, "raw_both_top1", states["read"], 1)
-        generations.append(fb.generate(model, tokenizer, states["read"], values, max_new_tokens=4))
-    assert generations[0] == generations[1]
+        for mode in ("raw_both_top1", "both_top1"):
+            values, _ = fb.select_values(stored, mode, states["read"], 1, projector)
+            generations.append(fb.generate(model, tokenizer, states["read"], values, max_new_tokens=4))
+    assert generations[:2] == generations[2:]
 
 
 def test_empty_memory_round_trips_and_an_unattributed_memory_cannot_be_saved(tiny_neox, tmp_path):
@@ -157,6 +257,17 @@ def test_empty_memory_round_trips_and_an_unattributed_memory_cannot_be_saved(tin
     assert len(loaded) == 0 and loaded.values.shape == (0, info.width)
 
 
+def test_chapter_1_words_are_disjoint_from_chapter_2_words():
+    """Onsets and codas are consonants and every onset is non-empty, so a word has one vowel run per syllable."""
+    import re
+
+    vowel_runs = lambda word: len(re.findall("[aeiou]+", word))
+    chapter_1 = {w for seed in range(3) for w in tasks.nonce_words(500, seed, syllables=(3,))}
+    chapter_2 = {w for seed in range(3) for w in tasks.nonce_words(500, seed)}
+    assert {vowel_runs(w) for w in chapter_1} == {3} and {vowel_runs(w) for w in chapter_2} == {2}
+    assert not chapter_1 & chapter_2
+
+
 def test_first_word_strips_whitespace_and_punctuation():
     assert first_word("\n Red.") == "red"
     assert first_word("wolf-like") == "wolf"
@@ -166,15 +277,20 @@ def test_first_word_strips_whitespace_and_punctuation():
 
 def test_chapter_2_on_ci_parameters():
     values = glued_values(executed_ci_notebook("02_binding.ipynb"))
-    names = ["binding_write_both_top1", "binding_read_both_top1", "binding_plain_both_top1", "binding_unrelated_both_top1",
-             "binding_read_context_gate", "binding_read_raw_both_top1", "binding_read_average", "binding_read_dual_key",
-             "binding_read_no_memory", "binding_read_in_context", "binding_read_new_cd_both_top1",
-             "binding_read_north_south_both_top1"]
+    names = ["binding_write_both_top1", "binding_read_both_top1", "binding_plain_any_both_top1",
+             "binding_unrelated_changed_both_top1", "binding_read_context_gate", "binding_read_raw_both_top1",
+             "binding_read_average", "binding_read_no_memory", "binding_read_in_context_2shot",
+             "binding_read_forced_choice_in_context_2shot", "binding_read_gated", "binding_plain_any_gated",
+             "binding_plain_changed_gated", "binding_unrelated_changed_gated", "binding_read_unseen_templates_gated",
+             "binding_read_unseen_contexts_gated"]
     for name in names:
         assert 0.0 <= values[name] <= 1.0, name
     assert values["binding_read_context_gate"] >= values["binding_read_both_top1"] - 0.05
     assert values["binding_read_both_top1"] >= values["binding_read_no_memory"] + 0.3
-    assert values["binding_overhead_ratio_1k"] > 0
+    assert values["binding_read_gated"] >= values["binding_read_no_memory"] + 0.3
+    assert values["binding_unrelated_changed_gated"] <= values["binding_unrelated_changed_both_top1"] - 0.5
+    for size in ("1k", "100k", "1m"):
+        assert values[f"binding_overhead_ratio_{size}"] > 0
     assert values["binding_write_token_both_top1"] >= 0.9
     assert values["binding_write_token_both_top1"] >= values["binding_write_both_top1"]
 
@@ -185,10 +301,10 @@ def test_chapter_2_runs_unmodified_on_the_paper_architecture(tmp_path):
 
     notebook = ROOT / "notebooks" / "02_binding.ipynb"
     parameters = {**resolve_parameters(notebook, "ci")[0], "model_name": "tiny-gpt-neox", "key_layer": 1,
-                  "layer_sweep": [0, 1], "n_train_words": 6, "n_eval_words": 4, "capacity_sizes": [1, 8],
+                  "n_train_words": 6, "n_calibration_words": 4, "n_eval_words": 4, "capacity_sizes": [1, 8],
                   "capacity_probe": 4, "overhead_entries": [100, 1000], "overhead_new_tokens": 2, "overhead_repeats": 1,
                   "param_set": "tiny-paper-architecture"}
     values = glued_values(execute(notebook, tmp_path / notebook.name, parameters))
-    for name in ("binding_read_both_top1", "binding_read_context_gate", "binding_read_dual_key", "binding_write_token_both_top1"):
+    for name in ("binding_read_both_top1", "binding_read_context_gate", "binding_read_gated", "binding_write_token_both_top1"):
         assert 0.0 <= values[name] <= 1.0, name
     assert values["binding_overhead_ratio_1k"] > 0
