@@ -24,6 +24,12 @@ strength of a stream is below ``burn_in_strength``. Attractors are initialised a
 ``init="tokens"`` (default) takes K distinct token activations of that pass at random (seeded),
 ``init="random"`` random Gaussian directions scaled to the norm of the pooled activation.
 The model's weights are never modified; with ``feedback_strength = 0`` outputs are bit-identical.
+
+Cost: the hook never synchronises with the host (no ``.item()``, no ``bool`` of a tensor, no Python
+branch on a tensor's value): the burn-in is a multiplicative mask, and the state lives on the
+device of the hooked activation (the GPU when the model is there), so a pass queues its work and
+returns. Diagnostics (:attr:`AttractorLayer.record`) are kept as device tensors and read once, by
+:meth:`AttractorLayer.diagnostics`, after the passes.
 """
 
 from __future__ import annotations
@@ -127,7 +133,7 @@ class AttractorLayer:
             self.module = block
         self._handles: list = []
         self._mask: torch.Tensor | None = None
-        self.record: list[dict] | None = None  # set to [] to log one row of diagnostics per pass
+        self.record: list[dict] | None = None  # set to [] to log one row of diagnostics per pass (device tensors)
         self.reset()
 
     # ------------------------------------------------------------------ state
@@ -141,7 +147,23 @@ class AttractorLayer:
         self.feedback: torch.Tensor | None = None  # (R, d)
         self.similarity = torch.zeros(n_streams, self.config.n_attractors)
         self.passes = 0
-        self.feedback_passes = 0
+        self.feedback_passes = torch.zeros((), dtype=torch.long)
+
+    def _to_device(self, device: torch.device) -> None:
+        """Keep the state where the hooked activations are (a device move, no host round trip)."""
+        if self.strengths.device != device:
+            self.strengths, self.similarity = self.strengths.to(device), self.similarity.to(device)
+            self.feedback_passes = self.feedback_passes.to(device)
+            self.attractors = None if self.attractors is None else self.attractors.to(device)
+            self.feedback = None if self.feedback is None else self.feedback.to(device)
+
+    def diagnostics(self) -> list[dict]:
+        """The recorded rows as numbers (one host read for all passes; chapter 3)."""
+        if not self.record:
+            return []
+        names = list(self.record[0])
+        values = torch.stack([torch.stack([row[n].float() for n in names]) for row in self.record]).cpu().tolist()
+        return [{**dict(zip(names, row)), "pass": i + 1} for i, row in enumerate(values)]
 
     def state_dict(self) -> dict:
         """The state as tensors (exact copy; chapter 3)."""
@@ -149,7 +171,7 @@ class AttractorLayer:
             "strengths": self.strengths.clone(),
             "similarity": self.similarity.clone(),
             "passes": torch.tensor(self.passes),
-            "feedback_passes": torch.tensor(self.feedback_passes),
+            "feedback_passes": self.feedback_passes.clone(),
             "n_streams": torch.tensor(self.n_streams),
         }
         if self.attractors is not None:
@@ -167,7 +189,7 @@ class AttractorLayer:
         self.strengths = strengths.clone()
         self.similarity = state["similarity"].clone()
         self.passes = int(state["passes"])
-        self.feedback_passes = int(state["feedback_passes"])
+        self.feedback_passes = state["feedback_passes"].clone()
         self.attractors = state["attractors"].clone() if "attractors" in state else None
         self.feedback = state["feedback"].clone() if "feedback" in state else None
 
@@ -214,7 +236,7 @@ class AttractorLayer:
     def feedback_active(self) -> torch.Tensor:
         """Per stream: is the burn-in over (so that the pending feedback is applied) (chapter 3)?"""
         cfg = self.config
-        ready = torch.full((self.n_streams,), self.passes >= cfg.burn_in_passes)
+        ready = torch.full((self.n_streams,), self.passes >= cfg.burn_in_passes, device=self.strengths.device)
         if cfg.burn_in_strength > 0:
             ready &= self.strengths.max(dim=1).values >= cfg.burn_in_strength
         return ready
@@ -226,19 +248,20 @@ class AttractorLayer:
         streams = self.n_streams
         if streams not in (1, batch):
             raise ParameterError(f"attractor layer has {streams} streams but the batch has {batch} rows")
+        self._to_device(hidden.device)
         changed = None
+        # Python branches here test only configuration and pass counts, never a tensor's value.
         if self.feedback is not None and self.config.feedback_strength > 0:
             active = self.feedback_active()
-            if bool(active.any()):
-                f = self.feedback * active[:, None].to(self.feedback.dtype)
-                changed = hidden + f[:, None, :].to(hidden.dtype)
-                self.feedback_passes += 1
+            f = self.feedback * active[:, None].to(self.feedback.dtype)
+            changed = hidden + f[:, None, :].to(hidden.dtype)
+            self.feedback_passes = self.feedback_passes + active.any().long()
         # pooled activation of this pass (before the feedback), masked mean over positions
         h = hidden.detach().float()
         if self._mask is not None and self._mask.shape[0] == batch:
-            weights = self._mask[:, -length:].to(h.dtype)
+            weights = self._mask[:, -length:].to(device=h.device, dtype=h.dtype)
         else:
-            weights = torch.ones(batch, length)
+            weights = torch.ones(batch, length, device=h.device)
         if streams == 1:
             pooled = (h * weights[..., None]).sum(dim=(0, 1)) / weights.sum().clamp_min(1)
             pooled = pooled[None]
@@ -254,16 +277,17 @@ class AttractorLayer:
     def _initial_attractors(self, h: torch.Tensor, weights: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """K attractors per stream: token activations of the first pass, or random directions."""
         cfg = self.config
-        generator = torch.Generator().manual_seed(cfg.seed)
+        generator = torch.Generator(device=h.device).manual_seed(cfg.seed)
         if cfg.init == "random":
-            directions = torch.randn(self.n_streams, cfg.n_attractors, h.shape[-1], generator=generator)
+            directions = torch.randn(self.n_streams, cfg.n_attractors, h.shape[-1], generator=generator, device=h.device)
             return directions / directions.norm(dim=-1, keepdim=True) * pooled.norm(dim=-1)[:, None, None]
         if self.n_streams == 1:
             h, weights = h.reshape(1, -1, h.shape[-1]), weights.reshape(1, -1)
-        # distinct tokens where the pass has enough of them (a prompt), repeats only where it has not
-        enough = bool((weights > 0).sum(dim=1).min() >= cfg.n_attractors)
-        picks = torch.multinomial(weights.clamp_min(0) + 1e-12 * (not enough), cfg.n_attractors,
-                                  replacement=not enough, generator=generator)
+        # Distinct positions where the pass has K of them (decided by its shape, not its values);
+        # padded positions carry a vanishing weight, so they are drawn only once real tokens run out.
+        enough = weights.shape[1] >= cfg.n_attractors
+        picks = torch.multinomial(weights.clamp_min(0) + 1e-12, cfg.n_attractors, replacement=not enough,
+                                  generator=generator)
         return torch.gather(h, 1, picks[..., None].expand(-1, -1, h.shape[-1])).clone()
 
     def _update(self, x: torch.Tensor) -> None:
@@ -286,11 +310,11 @@ class AttractorLayer:
         self.passes += 1
         if self.record is not None:
             self.record.append({
-                "pass": self.passes,
-                "max_similarity": c.max(dim=1).values.mean().item(),
-                "strength_sum": self.strengths.sum(dim=1).mean().item(),
-                "feedback_norm": self.feedback.norm(dim=-1).mean().item(),
-                "activation_norm": x.norm(dim=-1).mean().item(),
-                "n_activated": act.sum(dim=1).mean().item(),
+                "max_similarity": c.max(dim=1).values.mean(),
+                "strength_sum": self.strengths.sum(dim=1).mean(),
+                "feedback_norm": self.feedback.norm(dim=-1).mean(),
+                "activation_norm": x.norm(dim=-1).mean(),
+                "n_activated": act.sum(dim=1).mean(),
+                "several_activated": (act.sum(dim=1) > 1).float().mean(),
             })
 

@@ -133,6 +133,11 @@ def perplexity_change(plain: dict, other: dict, n_boot: int = 2000, seed: int = 
     return {"change_pct": 100 * (other["ppl"] / plain["ppl"] - 1), "low": low, "high": high}
 
 
+def next_token_nll(log_probs: torch.Tensor, token_ids: torch.Tensor) -> float:
+    """Mean next-token negative log-likelihood of one row ``token_ids`` (1, L) under ``log_probs`` (1, L, V) (chapter 3)."""
+    return -log_probs[0, :-1].gather(-1, token_ids[0, 1:, None]).mean().item()
+
+
 # ---------------------------------------------------------------------------- overhead
 @torch.no_grad()
 def overhead(model, token_ids, memory, repeats: int = 7, decode_steps: int = 16, n_boot: int = 2000,
@@ -249,7 +254,8 @@ def long_generation_probe(model, tokenizer, probes, memory=None, n_tokens: int =
     Each probe's prompt states three facts and asks for a long essay; ``n_tokens`` tokens are
     sampled (seeded, no early stop). Then the three questions are asked together in a new user
     turn after the essay, from the state the memory reached, and each fact scores 1 if its gold
-    word is a word of the greedy answer. Returns per probe the repeated n-gram rate, distinct-2, topic
+    word is a word of the greedy answer (``answer_tokens = 0``: no questions, for repetition and
+    drift alone; chapter 3 scores recall with :func:`teacher_forced_recall`). Returns per probe the repeated n-gram rate, distinct-2, topic
     similarity per chunk and the share of its facts recalled (``recall_per_probe``: the facts of one
     essay are not independent, so intervals resample probes), and per fact the recall.
     """
@@ -269,6 +275,8 @@ def long_generation_probe(model, tokenizer, probes, memory=None, n_tokens: int =
                 curve = topic_scorer.curve(probe.topic, essay, chunk)
                 rows["topic_curve"].append(curve)
                 rows["drift"].append(curve[0] - curve[-1] if curve else float("nan"))
+        if answer_tokens == 0:
+            continue
         recall_prompts = []
         for probe, essay in zip(group, essays):
             questions = " ".join(question for question, _ in probe.questions)
@@ -284,6 +292,91 @@ def long_generation_probe(model, tokenizer, probes, memory=None, n_tokens: int =
             rows["recall"].extend(recalled)
             rows["recall_per_probe"].append(float(np.mean(recalled)))
     return rows
+
+
+# ---------------------------------------------------------------------------- teacher-forced recall
+RECALL_INSTRUCTION = "Answer in one word, from the facts I gave you at the start."
+
+
+def plain_essays(model, tokenizer, probes, n_tokens: int, seed: int, batch_size: int = 4) -> list[list[int]]:
+    """One sampled essay per probe from the plain model, ``n_tokens`` long (chapter 3, section 3.3).
+
+    The essays are shared by every condition of :func:`teacher_forced_recall`, so that recall with
+    and without a memory is scored in the same text.
+    """
+    probes = list(probes)
+    essays = []
+    for start in range(0, len(probes), batch_size):
+        prompts = [probe_prompt(tokenizer, p) for p in probes[start:start + batch_size]]
+        essays += generate(model, tokenizer, prompts, n_tokens, sample=True, seed=seed + start, min_new_tokens=n_tokens)
+    return essays
+
+
+def recall_sequence(tokenizer, probe: RecallProbe, essay: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of probe, essay and every question answered with its gold word, and where each answer
+    lies (``[start, end)``), for teacher-forced scoring (chapter 3, section 3.3).
+
+    One chat: the facts and essay request, the essay as the assistant's turn, then per fact a user
+    turn with the question and an assistant turn with the gold answer. Facts are independent, so
+    a later question sees earlier gold answers but never its own.
+    """
+    turns = [("user", _probe_request(probe)), ("assistant", tokenizer.decode(essay, skip_special_tokens=True))]
+    spans = []
+    for question, answer in probe.questions:
+        turns.append(("user", f"{RECALL_INSTRUCTION} {question}"))
+        start = len(tokenizer(chat(tokenizer, turns), add_special_tokens=False).input_ids)
+        spans.append((start, start + len(tokenizer(answer, add_special_tokens=False).input_ids)))
+        turns.append(("assistant", answer))
+    messages = [{"role": role, "content": text} for role, text in turns]
+    ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False).input_ids
+    for (start, end), (_, answer) in zip(spans, probe.questions):
+        if tokenizer.decode(ids[start:end]).strip() != answer:
+            raise ParameterError(f"the answer {answer!r} does not tokenise alone inside the chat; change the probe")
+    return ids, spans
+
+
+@torch.no_grad()
+def teacher_forced_recall(model, tokenizer, probes, essays, memory=None, *, chunk: int = 16, batch_size: int = 8,
+                          progress: bool = True) -> dict:
+    """Recall of every fact scored teacher-forced after a given essay (chapter 3, section 3.3).
+
+    Each probe's :func:`recall_sequence` is read in forward passes of ``chunk`` tokens with a KV
+    cache, so a memory sees one pass per chunk (as in generation, where it sees one per token) and
+    its feedback reaches every later chunk, the questions and the answers. Rows are padded on the
+    right (causal attention never sees the padding) and the memory keeps one state per row.
+    Per fact: ``recalled`` (1 if every gold token is the greedy choice given the tokens before it)
+    and ``log_prob`` (summed log-probability of the gold tokens).
+    """
+    rows = [recall_sequence(tokenizer, p, e) for p, e in zip(probes, essays)]
+    recalled, log_prob = np.zeros((len(rows), 3)), np.zeros((len(rows), 3))
+    order = np.argsort([len(ids) for ids, _ in rows])
+    for start in tqdm(range(0, len(rows), batch_size), desc="recall", disable=not progress, leave=False):
+        group = order[start:start + batch_size]
+        length = max(len(rows[i][0]) for i in group)
+        ids = torch.full((len(group), length), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(group), length), dtype=torch.long)
+        for r, i in enumerate(group):
+            ids[r, :len(rows[i][0])] = torch.tensor(rows[i][0])
+            mask[r, :len(rows[i][0])] = 1
+        gold_logp = torch.zeros(len(group), length)
+        gold_is_greedy = torch.zeros(len(group), length, dtype=torch.bool)
+        reset_memory(memory, n_streams=len(group))
+        with memory_attached(memory):
+            cache = None
+            for begin in range(0, length - 1, chunk):
+                end = min(begin + chunk, length - 1)
+                out = model(input_ids=ids[:, begin:end], attention_mask=mask[:, :end], past_key_values=cache,
+                            use_cache=True)
+                cache = out.past_key_values
+                logits = out.logits.float()
+                targets = ids[:, begin + 1:end + 1, None]
+                gold_logp[:, begin + 1:end + 1] = torch.log_softmax(logits, -1).gather(-1, targets).squeeze(-1)
+                gold_is_greedy[:, begin + 1:end + 1] = logits.argmax(-1) == targets.squeeze(-1)
+        for r, i in enumerate(group):
+            for k, (a, b) in enumerate(rows[i][1]):
+                recalled[i, k] = float(gold_is_greedy[r, a:b].all())
+                log_prob[i, k] = float(gold_logp[r, a:b].sum())
+    return {"recalled": recalled, "log_prob": log_prob}
 
 
 # ---------------------------------------------------------------------------- comprehension
@@ -410,6 +503,7 @@ def summarise(result: dict, baseline: dict | None = None) -> "pandas.DataFrame":
     return pd.DataFrame(rows)
 
 
-__all__ = ["memory_attached", "reset_memory", "sliding_windows", "perplexity", "perplexity_change", "overhead",
-           "TopicScorer", "generate_with_memory", "probe_prompt", "long_generation_probe", "comprehension_prompt",
+__all__ = ["memory_attached", "reset_memory", "sliding_windows", "perplexity", "perplexity_change", "next_token_nll", "overhead",
+           "TopicScorer", "generate_with_memory", "probe_prompt", "long_generation_probe", "plain_essays",
+           "recall_sequence", "teacher_forced_recall", "comprehension_prompt",
            "comprehension", "Suite", "run_suite", "summarise"]

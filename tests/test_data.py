@@ -108,8 +108,9 @@ def test_both_chapters_question_sets():
 
 def test_recall_probes_load_in_order():
     probes = data.load_recall_probes()
-    assert len(probes) == 8 and probes[0].facts.startswith("Mira's cat is named Pepper.")
-    assert probes[-1].topic == "the life cycle of stars"
+    assert len(probes) == 64 and probes[0].facts.startswith("Mira's cat is named Pepper.")
+    assert probes[7].topic == "the life cycle of stars"  # the eight written by hand come first
+    assert len({p.facts for p in probes}) == len(probes)
     assert all(len(p.questions) == 3 and all(q.endswith("?") and a for q, a in p.questions) for p in probes)
     assert probes[0].questions[0] == ("What is the name of Mira's cat?", "Pepper")
 
