@@ -9,7 +9,7 @@ import torch
 from fastmem import data, evaluation
 from fastmem.book import glued_values
 from fastmem.errors import ParameterError
-from fastmem.latent import adapters, backbones, forgetting, training
+from fastmem.latent import adapters, backbones, experiment, forgetting, training
 from fastmem.models import model_info
 
 from conftest import executed_ci_notebook
@@ -166,21 +166,119 @@ def test_bm25_locomo_and_parameter_errors():
 
 def test_ci_notebook_glued_values():
     values = glued_values(executed_ci_notebook("04_latent_memory.ipynb"))
-    for name in ["latent_f1_no_adapter", "latent_f1_rag", "latent_f1_long_context"] + [
-            f"latent_{kind}_{cap}_{m}" for kind in ("retained", "f1_mem") for cap in ("1x", "10x")
-            for m in adapters.METHODS]:
+    names = ["latent_f1_no_adapter", "latent_f1_rag", "latent_f1_rag_oracle", "latent_f1_long_context",
+             "latent_f1_constant_answer", "latent_synthetic_recall_m2", "latent_oracle_bank_f1_m2"]
+    for name in names:
         assert isinstance(values.get(name), float) and 0.0 <= values[name] <= 1.0, (name, values.get(name))
-    # the frozen SmolLM2 without memory or context cannot know LoCoMo's answers
-    assert values["latent_f1_no_adapter"] <= 0.2
-    for name in ("latent_n_positive_10x", "latent_n_ci_positive_10x", "latent_n_collapsed_1x"):
-        assert isinstance(values[name], int) and 0 <= values[name] <= len(adapters.METHODS), (name, values[name])
-    assert values["latent_n_ci_positive_10x"] <= values["latent_n_positive_10x"]
-    assert -1.0 <= values["latent_mean_gap_10x_1x"] <= 1.0
-    # one CI seed gives no interval, so no method-capacity pair can have one above zero
-    assert values["latent_n_content_ci_positive"] == 0
-    assert 0.0 <= values["latent_max_abs_content_gap"] <= 100.0
-    assert 0.0 <= values["latent_acc_max_abs_delta"] <= 100.0
+    gap = [values[f"latent_own_minus_wrong_m2{end}"] for end in ("_low", "", "_high")]
+    assert -1.0 <= gap[0] <= gap[1] <= gap[2] <= 1.0
+    # the constant answer is right only on adversarial questions, which the glued (non-adversarial) F1 leaves out
+    assert values["latent_f1_constant_answer"] == 0.0
+    assert isinstance(values["latent_train_steps"], int) and 1 <= values["latent_train_steps"] <= 2
+    for key in "abcd":
+        assert values[f"latent_verdict_{key}"] in ("holds", "partly", "does not hold", "inconclusive")
+    assert values["latent_verdict_a"] == "holds"  # true by construction
     assert 0 < values["latent_minutes"] <= 3.0  # the CI budget of this chapter (it runs twice in CI)
+
+
+NAMES = ["Lisbon", "Oslo", "Paris", "Rome", "Tokyo", "Cairo"]
+
+
+def _fact_setting():
+    """Six one-fact conversations that differ only in the fact; the same question for all of them."""
+    convs = {f"c{i}": data.Conversation(f"c{i}", ["Bob: hello there.", f"Ann: my pet is called {name}.", "Bob: nice."],
+                                        [1, 1, 2]) for i, name in enumerate(NAMES)}
+    questions = [{"question": "What is Ann's pet called?", "answer": name, "evidence": [1], "sample_id": f"c{i}",
+                  "category": 4} for i, name in enumerate(NAMES)]
+    partner = {f"c{i}": f"c{(i + 1) % len(NAMES)}" for i in range(len(NAMES))}
+    return convs, experiment.asking_points(questions, convs, partner)
+
+
+TRAIN = {"weight_decay": 0.0, "batch_size": 6, "max_steps": 150, "eval_every": 10, "patience": 5, "warmup_steps": 1}
+
+
+def test_an_adapter_learns_to_recall_a_written_fact(tiny_neox):
+    """Only the bank tells the conversations apart, so answering right means reading it: the control
+    fails if the read path is cut (the wrong bank, or an empty one, gives other answers)."""
+    model, tokenizer, _ = tiny_neox
+    backbone = backbones.make_backbone(model, tokenizer, inject_block=1, write_block=1, question_tokens=12,
+                                       answer_tokens=4, turn_tokens=12)
+    convs, questions = _fact_setting()
+    run, = experiment.run_latent_experiment(backbone, convs, questions, questions, questions, methods=["m2"], rows=8,
+                                            gammas=[1.0], seeds=[0], lr=3e-2, train=TRAIN, max_new_tokens=3,
+                                            conditions=("own", "wrong", "zero"))
+    assert run["f1"]["own"].mean() >= 5 / 6
+    assert run["f1"]["wrong"].mean() <= 1 / 6 and run["f1"]["zero"].mean() <= 1 / 6
+    curve = [loss for _, loss in run["training"]["valid_curve"]]
+    assert run["training"]["best_valid_loss"] == min(curve) < curve[0]
+
+
+def test_the_wrong_bank_control_changes_nothing_but_the_bank(tiny_neox, monkeypatch):
+    """With every write zeroed, own and wrong banks are the same bank, so they give the same answers."""
+    model, tokenizer, _ = tiny_neox
+    backbone = backbones.make_backbone(model, tokenizer, inject_block=1, write_block=1, question_tokens=12,
+                                       answer_tokens=4, turn_tokens=12)
+    convs, questions = _fact_setting()
+    monkeypatch.setattr(adapters.LatentAdapter, "_update", lambda self, bank, feat, inplace=False: torch.zeros_like(bank))
+    run, = experiment.run_latent_experiment(backbone, convs, questions, questions, questions, methods=["m1"], rows=8,
+                                            gammas=[1.0], seeds=[0], lr=1e-2, train={**TRAIN, "max_steps": 4},
+                                            max_new_tokens=3, conditions=("own", "wrong", "zero"))
+    assert run["preds"]["own"] == run["preds"]["wrong"] == run["preds"]["zero"]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_neox", "tiny_t5"])
+@pytest.mark.parametrize("method", ["m1", "m2"])
+def test_the_experiment_runs_on_both_families(fixture, method, request):
+    model, tokenizer, _ = request.getfixturevalue(fixture)
+    backbone = backbones.make_backbone(model, tokenizer, inject_block=1, write_block=1, question_tokens=12,
+                                       answer_tokens=4, turn_tokens=8)
+    convs = data.locomo_conversations(data.load_locomo(), max_turns=40)[:4]
+    written = [experiment.synthetic_facts(c, 2, seed=i) for i, c in enumerate(convs)]
+    by_id = {c.sample_id: c for c, _ in written}
+    partner = {c.sample_id: convs[(i + 1) % 4].sample_id for i, c in enumerate(convs)}
+    qs = [experiment.asking_points(q, by_id, partner) for _, q in written]
+    runs = experiment.run_latent_experiment(backbone, by_id, qs[0] + qs[1], qs[2], qs[3], methods=[method], rows=8,
+                                            gammas=[0.95, 1.0], seeds=[0], lr=1e-2,
+                                            train={**TRAIN, "max_steps": 2, "eval_every": 1}, max_new_tokens=2,
+                                            prefix="question: a\nanswer: b\n")
+    assert [(r["gamma"], r["method"]) for r in runs] == [(0.95, method), (1.0, method)]
+    for run in runs:
+        assert set(run["f1"]) == set(experiment.CONDITIONS)
+        assert all(len(f1) == len(qs[3]) and ((0 <= f1) & (f1 <= 1)).all() for f1 in run["f1"].values())
+        assert run["training"]["steps"] == 2 and len(run["training"]["valid_curve"]) == 3
+
+
+def test_asking_points_and_synthetic_facts():
+    conv = data.Conversation("a", ["A: x", "B: y", "A: z", "B: w", "A: v"], [1, 1, 2, 2, 3])
+    other = data.Conversation("b", ["A: p", "B: q"], [1, 2])
+    convs = {"a": conv, "b": other}
+    q, = experiment.asking_points([{"question": "?", "answer": "x", "evidence": [2, 0], "sample_id": "a"}], convs,
+                                  {"a": "b", "b": "a"})
+    assert (q["asked_at"], q["sessions"], q["lag"]) == (4, 2, 4)  # after session 2, which holds turn 2
+    assert (q["wrong_id"], q["wrong_at"]) == ("b", 2)
+    written, facts = experiment.synthetic_facts(conv, 2, seed=3)
+    assert len(written.turns) == len(conv.turns) + 2 and len(facts) == 4
+    for fact in facts:
+        turn = written.turns[fact["evidence"][0]]
+        assert fact["answer"] in turn and fact["answer"] not in " ".join(conv.turns)
+        if fact["lag_kind"] == "short":  # asked right after the session its fact closes
+            assert fact["asked_at"] == fact["evidence"][0] + 1 == written.session_ends()[
+                written.session_of_turn[fact["evidence"][0]] - 1]
+        else:
+            assert fact["asked_at"] == len(written.turns)
+
+
+@pytest.mark.parametrize("method", ["m1", "m2", "m3"])
+def test_a_bank_per_question_matches_a_shared_bank(tiny, method):
+    backbone, states, train, _ = tiny
+    adapter = adapters.LatentAdapter(method, backbone.width, 16, hidden_rms=backbones.hidden_rms(train))
+    if hasattr(adapter, "gate"):
+        with torch.no_grad():
+            adapter.gate.fill_(0.5)
+    bank, _ = adapter.write_turns(adapter.empty_bank(), states)
+    shared = backbone.loss(adapter, bank, train)
+    stacked = backbone.loss(adapter, torch.stack([bank] * len(train)), train)
+    torch.testing.assert_close(stacked, shared, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["m2", "m4"])

@@ -220,17 +220,22 @@ class LatentAdapter(nn.Module):
         return _rms(self.proj(_rms(bank))) * self.scale
 
     def residual(self, h: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-        """m2/m4/m5/m6: the term added to the residual stream at the injection block (chapter 4)."""
+        """m2/m4/m5/m6: the term added to the residual stream at the injection block (chapter 4).
+
+        ``bank`` is one bank ``(rows, width)`` shared by the batch, or one per question ``(batch, rows, width)``.
+        """
         q = self.q(_rms(h))
         mem = _rms(bank)
         if self.method in ("m2", "m5"):
-            att = torch.softmax(q @ self.k(mem).T / math.sqrt(self.width), -1)
-            r = att @ self.v(mem)
+            # q k(mem)^T = (q W_k) mem^T and att v(mem) = v(att mem): with a bank per question this
+            # projects the few query positions instead of every bank row
+            att = torch.softmax((q @ self.k.weight) @ mem.transpose(-1, -2) / math.sqrt(self.width), -1)
+            r = self.v(att @ mem)
         elif self.method == "m4":
             att = torch.softmax(q @ self.addresses.T / math.sqrt(self.width), -1)
             r = att @ mem
         else:
-            att = torch.softmax(q @ mem.T / math.sqrt(self.width), -1)
+            att = torch.softmax(q @ mem.transpose(-1, -2) / math.sqrt(self.width), -1)
             r = att @ mem
         out = self.o(r)
         if self.method == "m5":

@@ -39,6 +39,11 @@ class _KV:
                    {i: t.expand(batch, -1, -1, -1) for i, t in self.v.items()})
 
 
+def _per_batch(tokens: torch.Tensor) -> torch.Tensor:
+    """Memory tokens as ``(n, rows, width)``: a shared bank's tokens get a batch axis of 1."""
+    return tokens if tokens.dim() == 3 else tokens.unsqueeze(0)
+
+
 def _mask(valid: torch.Tensor, n_query: int, prefix: int, dtype) -> torch.Tensor:
     """Additive mask (B, 1, Q, prefix + S): all prefix keys visible, causal and padding over the rest."""
     b, s = valid.shape
@@ -202,11 +207,11 @@ class DecoderOnlyBackbone:
 
     def _memory_prefix(self, adapter, bank, batch_size, cache):
         """m1: memory tokens through every block from ``inject_block`` up; m3: through that block only."""
-        tokens = adapter.memory_tokens(bank).unsqueeze(0)
-        p = tokens.shape[1]
+        tokens = _per_batch(adapter.memory_tokens(bank))
+        n, p = tokens.shape[:2]
         layers = range(self.inject, len(self.blocks)) if adapter.injection == "prefix" else [self.inject]
         tmp = _KV()
-        self._run(tokens, torch.zeros(1, p, dtype=torch.long), torch.ones(1, p, dtype=torch.bool), layers, cache=tmp)
+        self._run(tokens, torch.zeros(n, p, dtype=torch.long), torch.ones(n, p, dtype=torch.bool), layers, cache=tmp)
         full = tmp.expand(batch_size)
         cache.k.update(full.k)
         cache.v.update(full.v)
@@ -338,12 +343,12 @@ class EncoderDecoderBackbone:
         if adapter is None:
             return enc, mask
         if adapter.injection == "prefix":
-            tokens = adapter.memory_tokens(bank).unsqueeze(0).expand(len(batch), -1, -1)
+            tokens = _per_batch(adapter.memory_tokens(bank)).expand(len(batch), -1, -1)
             embeds = torch.cat([tokens, self.model.get_input_embeddings()(batch.ids)], 1)
             mask = torch.cat([torch.ones(len(batch), tokens.shape[1], dtype=torch.long), mask], 1)
             enc = self.model.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         elif adapter.injection == "kv":
-            tokens = adapter.memory_tokens(bank).unsqueeze(0).expand(len(batch), -1, -1)
+            tokens = _per_batch(adapter.memory_tokens(bank)).expand(len(batch), -1, -1)
             enc = torch.cat([enc, tokens], 1)
             mask = torch.cat([mask, torch.ones(len(batch), tokens.shape[1], dtype=torch.long)], 1)
         return enc, mask

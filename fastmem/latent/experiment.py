@@ -1,0 +1,228 @@
+"""Chapter 4's experiment: when a question is asked, which bank it reads, the controls (chapter 4).
+
+The protocol: a question is asked right after the session that holds its latest evidence turn,
+with the bank written up to then (:func:`asking_points`). Every trained adapter answers each test
+question with its own conversation's bank, with another test conversation's bank after as many
+sessions (the wrong-bank control), with a bank holding only its evidence turns (the oracle bank),
+with the bank after the whole conversation (the paper's condition) and with an empty bank.
+:func:`synthetic_facts` writes invented facts into real conversations, a positive control that
+no model can answer without reading them. :func:`run_latent_experiment` is the loop;
+:func:`text_contexts` builds the text baselines' prompts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..data import Conversation
+from ..evaluation import answer_f1, bm25_top_k
+from ..stats import paired_change
+from .adapters import LatentAdapter, shared_features
+from .backbones import hidden_rms
+from .training import train_until_plateau
+
+CONDITIONS = ("own", "wrong", "oracle", "paper", "zero")
+_SYLLABLES = ("zor", "vik", "bel", "quon", "tra", "mip", "lus", "dro", "fen", "kav", "ix", "wem", "sorb", "yul")
+_THINGS = ("pet lizard", "pet parrot", "sailboat", "old bicycle", "houseplant", "robot vacuum", "hamster",
+           "guitar", "goldfish", "motorbike", "tortoise", "kite")
+
+
+def asking_points(questions: list[dict], convs: dict[str, Conversation], partner: dict[str, str]) -> list[dict]:
+    """Each question with where it is asked and which bank is the wrong one (chapter 4).
+
+    ``asked_at``: turns written when it is asked, the end of the session holding its latest
+    evidence turn (kept when already set, as for synthetic facts); ``sessions``: sessions written
+    by then; ``wrong_id``/``wrong_at``: the partner conversation and its turns written after as
+    many sessions (all of them if it has fewer); ``lag``: turns written since the earliest evidence.
+    """
+    out = []
+    for q in questions:
+        conv = convs[q["sample_id"]]
+        asked_at = q.get("asked_at") or conv.session_ends()[conv.session_of_turn[max(q["evidence"])] - 1]
+        sessions = conv.session_of_turn[asked_at - 1]
+        other = convs[partner[q["sample_id"]]]
+        wrong_at = other.session_ends()[min(sessions, other.n_sessions) - 1]
+        out.append({**q, "asked_at": asked_at, "sessions": sessions, "wrong_id": other.sample_id,
+                    "wrong_at": wrong_at, "lag": asked_at - min(q["evidence"])})
+    return out
+
+
+def synthetic_facts(conv: Conversation, n_facts: int, seed: int) -> tuple[Conversation, list[dict]]:
+    """Invented facts written as extra turns into ``conv``, each asked at a short and a long lag (chapter 4).
+
+    A fact ("<speaker>: By the way, my <thing> is called <made-up name>." or "... my locker code is
+    <4 digits>.") closes a randomly chosen session; it is asked right after that session (short lag)
+    and after the whole conversation (long lag). Names are random syllables and codes random
+    numbers, so nothing but the written turn can supply the answer.
+    """
+    rng = np.random.default_rng(seed)
+    n_facts = min(n_facts, conv.n_sessions, len(_THINGS) + 1)
+    chosen = sorted(rng.choice(np.arange(1, conv.n_sessions + 1), size=n_facts, replace=False).tolist())
+    kinds = rng.permutation(len(_THINGS) + 1)[:n_facts]
+    turns, sessions, facts = [], [], []
+    for session in range(1, conv.n_sessions + 1):
+        session_turns = [t for t, s in zip(conv.turns, conv.session_of_turn) if s == session]
+        turns += session_turns
+        sessions += [session] * len(session_turns)
+        if session in chosen:
+            speaker = session_turns[0].split(":", 1)[0]
+            kind = int(kinds[chosen.index(session)])
+            if kind == len(_THINGS):
+                answer = str(int(rng.integers(1000, 10000)))
+                turn, question = (f"{speaker}: By the way, my locker code is {answer}.",
+                                  f"What is {speaker}'s locker code?")
+            else:
+                answer = "".join(rng.choice(_SYLLABLES, size=3)).capitalize()
+                turn, question = (f"{speaker}: By the way, my {_THINGS[kind]} is called {answer}.",
+                                  f"What is {speaker}'s {_THINGS[kind]} called?")
+            turns.append(turn)
+            sessions.append(session)
+            facts.append((len(turns) - 1, question, answer))
+    written = Conversation(conv.sample_id, turns, sessions)
+    questions = [{"question": question, "answer": answer, "category": 0, "evidence": [index],
+                  "missing_evidence": 0, "sample_id": conv.sample_id, "asked_at": asked_at, "lag_kind": kind}
+                 for index, question, answer in facts
+                 for kind, asked_at in (("short", index + 1), ("long", len(turns)))]
+    return written, questions
+
+
+def text_contexts(kind: str, questions: list[dict], convs: dict[str, Conversation], *, k: int = 3,
+                  tokenizer=None, context_tokens: int = 256) -> list[str]:
+    """The text a baseline puts before each question (chapter 4), from the turns written when it is asked.
+
+    ``bm25``: the ``k`` best whole turns by BM25; ``oracle``: the question's evidence turns;
+    ``long``: the last ``context_tokens`` tokens of the conversation so far.
+    """
+    out = []
+    for q in questions:
+        turns = convs[q["sample_id"]].turns[: q["asked_at"]]
+        if kind == "bm25":
+            text = "\n".join(turns[i] for i in bm25_top_k(q["question"], turns, k))
+        elif kind == "oracle":
+            text = "\n".join(turns[i] for i in sorted(set(q["evidence"])))
+        elif kind == "long":
+            ids = tokenizer.encode("\n".join(turns), add_special_tokens=False)[-context_tokens:]
+            text = tokenizer.decode(ids)
+        else:
+            raise ValueError(f"unknown text context {kind!r}: use bm25, oracle or long")
+        out.append(text + "\n")
+    return out
+
+
+def prepare_chunks(backbone, questions: list[dict], prefix: str, *, answers: bool = False, contexts=None,
+                   chunk: int = 16, context_tokens: int = 512) -> list:
+    """Questions prepared in chunks of ``chunk``, each prompt preceded by ``prefix`` (+ its context; chapter 4)."""
+    texts = [prefix + (contexts[i] if contexts else "") for i in range(len(questions))]
+    return [backbone.prepare([q["question"] for q in questions[s:s + chunk]],
+                             [q["answer"] for q in questions[s:s + chunk]] if answers else None,
+                             contexts=texts[s:s + chunk] if any(texts) else None, context_tokens=context_tokens)
+            for s in range(0, len(questions), chunk)]
+
+
+def answer_chunks(backbone, adapter, chunks: list, banks: list | None, max_new_tokens: int) -> list[str]:
+    """Greedy answers, question ``i`` reading ``banks[i]`` (no bank: ``None``; chapter 4)."""
+    preds, start = [], 0
+    for batch in chunks:
+        bank = None if banks is None else torch.stack(banks[start:start + len(batch)])
+        preds += backbone.generate(adapter, bank, batch, max_new_tokens)
+        start += len(batch)
+    return preds
+
+
+def encode_conversations(backbone, convs, cache: dict | None = None) -> dict[str, list[torch.Tensor]]:
+    """Each conversation's turn states, every distinct turn text encoded once (chapter 4)."""
+    cache = {} if cache is None else cache
+    new = sorted({t for c in convs for t in c.turns} - set(cache))
+    cache.update(zip(new, backbone.encode_turns(new)))
+    return {c.sample_id: [cache[t] for t in c.turns] for c in convs}
+
+
+def _banks(adapter: LatentAdapter, features: dict, needed: dict[str, set]) -> dict:
+    banks = {}
+    for sid, points in needed.items():
+        _, snaps = adapter.write_turns(adapter.empty_bank(), snapshots=points, features=features[sid])
+        banks.update({(sid, p): b for p, b in snaps.items()})
+    return banks
+
+
+def _oracle_bank(adapter: LatentAdapter, features: list, evidence) -> torch.Tensor:
+    bank, _ = adapter.write_turns(adapter.empty_bank(), features=[features[i] for i in sorted(set(evidence))])
+    return bank
+
+
+def prepare_questions(backbone, train_questions: list[dict], valid_questions: list[dict],
+                      test_questions: list[dict], prefix: str = "", chunk: int = 16) -> dict:
+    """Training, validation and test questions prepared once for many runs (chapter 4)."""
+    return {"train": prepare_chunks(backbone, train_questions, prefix, answers=True, chunk=max(1, len(train_questions))),
+            "valid": prepare_chunks(backbone, valid_questions, prefix, answers=True, chunk=chunk),
+            "test": prepare_chunks(backbone, test_questions, prefix, chunk=chunk)}
+
+
+def run_latent_experiment(backbone, convs: dict[str, Conversation], train_questions: list[dict],
+                          valid_questions: list[dict], test_questions: list[dict], *, methods, rows: int, gammas,
+                          seeds, lr: float, train: dict, max_new_tokens: int, prefix: str = "", slot_top_k: int = 8,
+                          states: dict | None = None, prepared: dict | None = None,
+                          conditions=CONDITIONS) -> list[dict]:
+    """Train one adapter per (seed, gamma, method) and answer the test questions under each condition (chapter 4).
+
+    Questions come from :func:`asking_points`: training and validation questions read their own
+    bank where they are asked; test questions are answered under ``conditions`` (a subset of
+    :data:`CONDITIONS`). ``train`` holds :func:`~fastmem.latent.training.train_until_plateau`'s
+    settings but ``lr``; ``states`` (:func:`encode_conversations`) and ``prepared``
+    (:func:`prepare_questions`, with the same ``prefix``) are computed here when not given.
+    Returns one row per run: ``method``, ``gamma``, ``seed``, ``training`` (curves, steps),
+    ``preds`` and ``f1`` (per test question) by condition.
+    """
+    states = encode_conversations(backbone, convs.values()) if states is None else states
+    prepared = prepared or prepare_questions(backbone, train_questions, valid_questions, test_questions, prefix)
+    scale = hidden_rms(prepared["valid"][0])
+    keys = {"own": lambda q: (q["sample_id"], q["asked_at"]), "wrong": lambda q: (q["wrong_id"], q["wrong_at"]),
+            "paper": lambda q: (q["sample_id"], len(convs[q["sample_id"]].turns))}
+    needed: dict[str, set] = {}
+    for q in train_questions + valid_questions:
+        needed.setdefault(q["sample_id"], set()).add(q["asked_at"])
+    for q in test_questions:
+        needed.setdefault(q["sample_id"], set())  # the oracle bank writes from its features
+        for name in set(conditions) & set(keys):
+            sid, point = keys[name](q)
+            needed.setdefault(sid, set()).add(point)
+    runs = []
+    for seed in seeds:
+        features = {sid: shared_features(backbone.width, states[sid], seed) for sid in needed}
+        for gamma in gammas:
+            for method in methods:
+                adapter = LatentAdapter(method, backbone.width, rows, gamma=gamma, top_k=slot_top_k, seed=seed,
+                                        hidden_rms=scale)
+                banks = _banks(adapter, features, needed)
+                info = train_until_plateau(
+                    adapter, backbone, prepared["train"][0], [banks[keys["own"](q)] for q in train_questions],
+                    prepared["valid"], [banks[keys["own"](q)] for q in valid_questions], lr=lr, seed=seed, **train)
+                preds = {}
+                for name in conditions:
+                    if name == "zero":
+                        bank_list = [adapter.empty_bank()] * len(test_questions)
+                    elif name == "oracle":
+                        bank_list = [_oracle_bank(adapter, features[q["sample_id"]], q["evidence"])
+                                     for q in test_questions]
+                    else:
+                        bank_list = [banks[keys[name](q)] for q in test_questions]
+                    preds[name] = answer_chunks(backbone, adapter, prepared["test"], bank_list, max_new_tokens)
+                runs.append({"method": method, "gamma": gamma, "seed": seed, "training": info, "preds": preds,
+                             "f1": {name: answer_f1(p, test_questions) for name, p in preds.items()}})
+    return runs
+
+
+def paired_endpoint(runs: list[dict], better: str, worse: str, keep=None) -> dict:
+    """``F1[better] - F1[worse]`` over runs that differ only by seed, paired per question (chapter 4).
+
+    Rows are (seed, question); the 95% interval resamples seeds, then questions
+    (:func:`fastmem.stats.paired_change` with ``clusters`` = seed, ``units`` = question), so a
+    question asked under several seeds counts once. ``keep``: a mask of the questions to use.
+    """
+    keep = np.ones(len(runs[0]["f1"][better]), bool) if keep is None else np.asarray(keep, bool)
+    worse_f1 = np.concatenate([r["f1"][worse][keep] for r in runs])
+    better_f1 = np.concatenate([r["f1"][better][keep] for r in runs])
+    seeds = np.concatenate([[r["seed"]] * int(keep.sum()) for r in runs])
+    units = np.concatenate([np.flatnonzero(keep) for _ in runs])
+    return paired_change(worse_f1, better_f1, relative=False, clusters=seeds, units=units)
