@@ -293,3 +293,45 @@ def verdict_at_most(low: float, high: float, limit: float) -> str:
     if high <= limit:
         return HOLDS
     return DOES_NOT_HOLD if low > limit else INCONCLUSIVE
+
+
+def verdict_with_control(verdict: str, control_passed: bool) -> str:
+    """A verdict after its positive control (chapter 4): a null ("does not hold") whose positive
+    control failed, so that the test could not have found the effect, becomes "inconclusive";
+    every other verdict is returned unchanged.
+    """
+    return INCONCLUSIVE if verdict == DOES_NOT_HOLD and not control_passed else verdict
+
+
+def verdict_all(verdicts, complete: bool = True) -> str:
+    """One verdict on a claim about every member of a set, from the members' verdicts (chapter 4).
+
+    - holds: every member holds (and the set is ``complete``; if only some members were tested,
+      "holds" becomes "partly");
+    - partly: at least one member holds or partly holds, but not all hold;
+    - does not hold: no member holds or partly holds, and at least one does not hold;
+    - inconclusive: every member is inconclusive, or there is no member.
+    """
+    verdicts = list(verdicts)
+    if verdicts and all(v == HOLDS for v in verdicts):
+        return HOLDS if complete else PARTLY
+    if any(v in (HOLDS, PARTLY) for v in verdicts):
+        return PARTLY
+    return DOES_NOT_HOLD if DOES_NOT_HOLD in verdicts else INCONCLUSIVE
+
+
+def verdict_effect_decidable(low: float, high: float, claimed: float, *, can_detect: bool,
+                             control_detected: bool = True, null: float = 0.0) -> str:
+    """:func:`verdict_effect`, but "inconclusive" wherever the test could not have decided (chapter 3).
+
+    - inconclusive when ``can_detect`` is false (for example the smallest detectable effect exceeds
+      the claimed one, or fewer items changed than a sign test needs), when the interval is a
+      single point (``low >= high``: a degenerate bootstrap, not certainty) or NaN;
+    - a "does not hold" stays so only if ``control_detected`` (a positive control showed the test
+      can see an effect), else it is inconclusive;
+    - otherwise :func:`verdict_effect`.
+    """
+    if not can_detect or not (np.isfinite(low) and np.isfinite(high)) or low >= high:
+        return INCONCLUSIVE
+    verdict = verdict_effect(low, high, claimed, null)
+    return INCONCLUSIVE if verdict == DOES_NOT_HOLD and not control_detected else verdict

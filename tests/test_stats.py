@@ -181,3 +181,29 @@ def test_verdict_at_most(low, high, expected):
 def test_every_rule_returns_a_known_verdict():
     outcomes = {stats.verdict_effect(a, b, 1.0) for a, b in [(0.5, 1.5), (0.1, 0.6), (-0.2, 0.4), (-1, 2)]}
     assert outcomes == set(stats.VERDICTS)
+
+
+@pytest.mark.parametrize("verdict, passed, expected", [
+    (DOES_NOT_HOLD, False, INCONCLUSIVE), (DOES_NOT_HOLD, True, DOES_NOT_HOLD), (HOLDS, False, HOLDS),
+    (PARTLY, False, PARTLY), (INCONCLUSIVE, True, INCONCLUSIVE),
+])
+def test_verdict_with_control(verdict, passed, expected):
+    assert stats.verdict_with_control(verdict, passed) == expected
+
+
+@pytest.mark.parametrize("verdicts, complete, expected", [
+    ([HOLDS, HOLDS], True, HOLDS), ([HOLDS, HOLDS], False, PARTLY), ([HOLDS, DOES_NOT_HOLD], True, PARTLY),
+    ([PARTLY, INCONCLUSIVE], True, PARTLY), ([DOES_NOT_HOLD, INCONCLUSIVE], True, DOES_NOT_HOLD),
+    ([INCONCLUSIVE, INCONCLUSIVE], True, INCONCLUSIVE), ([], True, INCONCLUSIVE),
+])
+def test_verdict_all(verdicts, complete, expected):
+    assert stats.verdict_all(verdicts, complete) == expected
+
+
+def test_verdict_effect_decidable_is_inconclusive_where_the_test_cannot_decide():
+    assert stats.verdict_effect_decidable(-95, -60, claimed=-80, can_detect=True) == "holds"
+    assert stats.verdict_effect_decidable(-95, -60, claimed=-80, can_detect=False) == "inconclusive"
+    assert stats.verdict_effect_decidable(-100, -100, claimed=-80, can_detect=True) == "inconclusive"  # degenerate
+    assert stats.verdict_effect_decidable(-10, 5, claimed=-80, can_detect=True) == "does not hold"
+    assert stats.verdict_effect_decidable(-10, 5, claimed=-80, can_detect=True, control_detected=False) == "inconclusive"
+    assert stats.verdict_effect_decidable(float("nan"), 5, claimed=3.3, can_detect=True) == "inconclusive"
