@@ -296,7 +296,7 @@ def verdict_at_most(low: float, high: float, limit: float) -> str:
 
 
 def verdict_with_control(verdict: str, control_passed: bool) -> str:
-    """A verdict after its positive control (chapter 4): a null ("does not hold") whose positive
+    """A verdict after its positive control (chapters 3 and 4): a null ("does not hold") whose positive
     control failed, so that the test could not have found the effect, becomes "inconclusive";
     every other verdict is returned unchanged.
     """
@@ -321,7 +321,8 @@ def verdict_all(verdicts, complete: bool = True) -> str:
 
 
 def verdict_effect_decidable(low: float, high: float, claimed: float, *, can_detect: bool,
-                             control_detected: bool = True, null: float = 0.0) -> str:
+                             control_detected: bool = True, exact_p: float | None = None, alpha: float = 0.05,
+                             null: float = 0.0) -> str:
     """:func:`verdict_effect`, but "inconclusive" wherever the test could not have decided (chapter 3).
 
     - inconclusive when ``can_detect`` is false (for example the smallest detectable effect exceeds
@@ -329,9 +330,14 @@ def verdict_effect_decidable(low: float, high: float, claimed: float, *, can_det
       single point (``low >= high``: a degenerate bootstrap, not certainty) or NaN;
     - a "does not hold" stays so only if ``control_detected`` (a positive control showed the test
       can see an effect), else it is inconclusive;
+    - an effect found by the interval ("holds" or "partly") counts only if the exact paired test
+      agrees (``exact_p < alpha``, when given): a percentile bootstrap over few units is
+      anti-conservative, so where the two disagree the verdict is inconclusive;
     - otherwise :func:`verdict_effect`.
     """
     if not can_detect or not (np.isfinite(low) and np.isfinite(high)) or low >= high:
         return INCONCLUSIVE
-    verdict = verdict_effect(low, high, claimed, null)
-    return INCONCLUSIVE if verdict == DOES_NOT_HOLD and not control_detected else verdict
+    verdict = verdict_with_control(verdict_effect(low, high, claimed, null), control_detected)
+    if verdict in (HOLDS, PARTLY) and exact_p is not None and not exact_p < alpha:
+        return INCONCLUSIVE
+    return verdict

@@ -207,3 +207,7 @@ def test_verdict_effect_decidable_is_inconclusive_where_the_test_cannot_decide()
     assert stats.verdict_effect_decidable(-10, 5, claimed=-80, can_detect=True) == "does not hold"
     assert stats.verdict_effect_decidable(-10, 5, claimed=-80, can_detect=True, control_detected=False) == "inconclusive"
     assert stats.verdict_effect_decidable(float("nan"), 5, claimed=3.3, can_detect=True) == "inconclusive"
+    # an interval that excludes zero while the exact test does not reject: the two disagree
+    assert stats.verdict_effect_decidable(-95, -20, claimed=-80, can_detect=True, exact_p=0.22) == "inconclusive"
+    assert stats.verdict_effect_decidable(-95, -20, claimed=-80, can_detect=True, exact_p=0.01) == "holds"
+    assert stats.verdict_effect_decidable(-10, 5, claimed=-80, can_detect=True, exact_p=0.9) == "does not hold"
