@@ -308,11 +308,3 @@ def test_an_adapter_file_of_another_kind_or_model_ends_with_one_line(tiny_neox, 
     layer_path = AttractorLayer(model, layer=1).save(tmp_path / "layer.safetensors")
     with pytest.raises(MemoryFileError, match="kind 'attractor_layer', not 'latent_adapter'"):
         adapters.LatentAdapter.load(layer_path, model)
-
-
-def test_bucket_intervals_over_seeds_skip_empty_buckets():
-    per_seed = [[0.1, np.nan, np.nan], [0.3, 0.5, np.nan], [0.2, 0.7, np.nan]]
-    mean, ci = forgetting.bucket_intervals(per_seed)
-    assert mean[:2] == pytest.approx([0.2, 0.6]) and np.isnan(mean[2])
-    assert ci[0][1] < 0.2 < ci[0][2] and ci[1][1] < 0.6 < ci[1][2]
-    assert np.isnan(ci[2]).all()

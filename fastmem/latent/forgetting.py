@@ -6,11 +6,7 @@ in five lag buckets and fitted by a weighted non-increasing isotonic regression.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
-
-from ..stats import t_interval
 
 LAG_EDGES = (0, 32, 64, 128, 256)
 LAG_LABELS = ("[0,32)", "[32,64)", "[64,128)", "[128,256)", "[256,inf)")
@@ -49,18 +45,3 @@ def forgetting_curve(retained, lags) -> dict:
     fit = np.full(len(raw), np.nan)
     fit[ok] = isotonic_nonincreasing(raw[ok], counts[ok])
     return {"raw": raw, "fit": fit, "counts": counts, "mean_fit": float(np.nanmean(fit))}
-
-
-def bucket_intervals(per_seed) -> tuple[np.ndarray, np.ndarray]:
-    """Mean over seeds and a t-interval over seeds for each lag bucket of ``(seeds, buckets)`` curves (chapter 4).
-
-    An empty bucket (NaN for a seed) is left out of that bucket's mean and interval; a bucket empty
-    for every seed stays NaN.
-    """
-    per_seed = np.asarray(per_seed, dtype=float)
-    with warnings.catch_warnings():  # a bucket empty for every seed is NaN, not a warning
-        warnings.simplefilter("ignore", RuntimeWarning)
-        mean = np.nanmean(per_seed, 0)
-    ci = np.array([t_interval(column[~np.isnan(column)]) if (~np.isnan(column)).any() else (np.nan,) * 3
-                   for column in per_seed.T])
-    return mean, ci
