@@ -327,8 +327,7 @@ def recall_sequence(tokenizer, probe: RecallProbe, essay: list[int]) -> tuple[li
         start = len(tokenizer(chat(tokenizer, turns), add_special_tokens=False).input_ids)
         spans.append((start, start + len(tokenizer(answer, add_special_tokens=False).input_ids)))
         turns.append(("assistant", answer))
-    messages = [{"role": role, "content": text} for role, text in turns]
-    ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False).input_ids
+    ids = tokenizer(chat(tokenizer, turns, open_reply=False), add_special_tokens=False).input_ids
     for (start, end), (_, answer) in zip(spans, probe.questions):
         if tokenizer.decode(ids[start:end]).strip() != answer:
             raise ParameterError(f"the answer {answer!r} does not tokenise alone inside the chat; change the probe")

@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 
 
-def chat(tokenizer, turns: list[tuple[str, str]]) -> str:
-    """A chat prompt from (role, text) turns, ending with the assistant's turn opened (chapter 3)."""
+def chat(tokenizer, turns: list[tuple[str, str]], *, open_reply: bool = True) -> str:
+    """A chat text from (role, text) turns, ending with the assistant's turn opened unless ``open_reply``
+    is false (a finished conversation, as teacher-forced scoring reads it; chapter 3)."""
     messages = [{"role": role, "content": text} for role, text in turns]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=open_reply, tokenize=False)
 
 
 def left_padded(tokenizer, texts: list[str]):
