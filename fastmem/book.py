@@ -87,6 +87,11 @@ def recorded_minutes(notebook: Path) -> float:
     return (duration or 0.0) / 60
 
 
+def longest_first(notebooks: list[Path]) -> list[Path]:
+    """The order in which ``--jobs`` starts chapters: longest last recorded run first, so no long one starts last."""
+    return sorted(notebooks, key=lambda notebook: -recorded_minutes(notebook))
+
+
 def notebook_parameters(notebook: Path) -> dict:
     """The names and default values of a notebook's ``parameters`` cell (empty if it has none)."""
     for cell in nbformat.read(str(notebook), as_version=4).cells:
@@ -258,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from concurrent.futures import ProcessPoolExecutor
 
-        # Longest chapters first, by their last recorded run, so that no long chapter starts last.
-        runs.sort(key=lambda run: -recorded_minutes(run[0]))
+        order = longest_first([run[0] for run in runs])
+        runs.sort(key=lambda run: order.index(run[0]))
         # Processes, not threads: the working directory papermill sets is shared by every thread of a process.
         with ProcessPoolExecutor(args.jobs) as pool:
             errors = [e for e in pool.map(_run_one, *zip(*runs)) if e]
