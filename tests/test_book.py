@@ -134,10 +134,8 @@ def test_parallel_chapters_land_in_the_relative_out_folder(tmp_path):
 
 # ---------------------------------------------------------------------------- the runner's guards
 def _runner(*args, cwd=ROOT, timeout=120):
-    started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "fastmem.book", *map(str, args)], cwd=cwd,
-                            capture_output=True, text=True, timeout=timeout)
-    return result, time.perf_counter() - started
+    return subprocess.run([sys.executable, "-m", "fastmem.book", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def _only_line(result) -> str:
@@ -148,11 +146,12 @@ def _only_line(result) -> str:
 
 @pytest.mark.parametrize("params", ["nosuchset", "CI"])
 def test_an_unknown_parameter_set_ends_at_once_listing_the_sets(tmp_path, params):
-    result, seconds = _runner(ROOT / "notebooks" / CHAPTER_1, "--params", params, "--out", tmp_path)
+    result = _runner(ROOT / "notebooks" / CHAPTER_1, "--params", params, "--out", tmp_path)
     line = _only_line(result)
     assert result.returncode == 1 and f"unknown parameter set '{params}'" in line
     assert all(name in line for name in ("default", "ci", "paper"))
-    assert seconds < 5 and not list(tmp_path.iterdir())
+    # No kernel started: the runner announces each chapter it executes.
+    assert "executing" not in result.stdout and not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("params, expected", [
@@ -166,10 +165,10 @@ def test_an_unknown_parameter_set_ends_at_once_listing_the_sets(tmp_path, params
 def test_bad_parameters_end_before_any_kernel_with_one_line(tmp_path, params, expected):
     params_file = tmp_path / "bad.yaml"
     params_file.write_text("".join(f"{k}: {v}\n" for k, v in params.items()))
-    result, seconds = _runner(ROOT / "notebooks" / CHAPTER_1, "--params", params_file, "--out", tmp_path / "out")
+    result = _runner(ROOT / "notebooks" / CHAPTER_1, "--params", params_file, "--out", tmp_path / "out")
     line = _only_line(result)
     assert result.returncode == 1 and expected in line, line
-    assert seconds < 5 and not (tmp_path / "out").exists()
+    assert "executing" not in result.stdout and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("notebook", chapter_notebooks(), ids=lambda p: p.name)
@@ -200,12 +199,12 @@ def _write_notebook(path, *sources):
 def test_a_failed_run_leaves_the_target_untouched(tmp_path):
     notebook = _write_notebook(tmp_path / "chapter.ipynb", "n = 1", "raise ValueError('n is too small')")
     before = notebook.read_bytes()
-    result, _ = _runner(notebook)  # in place, as `make book` runs
+    result = _runner(notebook)  # in place, as `make book` runs
     line = _only_line(result)
     assert result.returncode == 1 and "ValueError: n is too small" in line
     assert notebook.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chapter.ipynb"]
-    result, _ = _runner(notebook, "--out", tmp_path / "out")
+    result = _runner(notebook, "--out", tmp_path / "out")
     assert result.returncode == 1 and not list((tmp_path / "out").iterdir())
 
 
@@ -242,7 +241,7 @@ def test_parallel_runs_start_with_the_longest_recorded_chapters(tmp_path):
     assert [n.stem for n in longest_first(notebooks)] == ["long", "short", "never"]
     # The order of the workers' "executing" lines is a race between processes, so the run itself is
     # checked only for writing every chapter.
-    result, _ = _runner(*notebooks, "--out", tmp_path / "out", "--jobs", "2")
+    result = _runner(*notebooks, "--out", tmp_path / "out", "--jobs", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "out").glob("*.ipynb")) == ["long.ipynb", "never.ipynb", "short.ipynb"]
 
