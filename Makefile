@@ -25,7 +25,8 @@ book: setup
 html: setup
 	$(BIN)/jupyter-book build . --warningiserror --nitpick --keep-going
 
-## Unit tests, then every chapter with params/ci, re-executed and compared by nbval.
+## Unit tests, the rendered book in Chromium (tests/test_browser.py: every page, under a minute), then every
+## chapter with params/ci, re-executed and compared by nbval.
 ## Two chapters (or test files) run at once, one thread each: on two cores this is about twice as fast.
 test: setup
 	rm -rf _build/ci

@@ -178,6 +178,30 @@ def run_record(parameters: dict | None = None) -> dict:
     }
 
 
+NOT_RECORDED = "not recorded"
+
+
+def run_status(notebook: Path | str) -> dict[str, str]:
+    """One row of the book's status page: how a committed notebook was last executed, as display text.
+
+    Reads the notebook's own metadata (:func:`run_record` and papermill's duration); a field the
+    notebook does not carry reads ``not recorded``, so a chapter committed without a run record shows.
+    """
+    record = nbformat.read(str(notebook), as_version=4).metadata.get("fastmem", {})
+    minutes = recorded_minutes(Path(notebook))
+    packages = record.get("packages", {})
+    versions = ([f"Python {record['python']}"] if "python" in record else []) + [
+        f"{name} {version}" for name, version in packages.items()]
+    return {
+        "run_time": f"{minutes:.1f} min" if minutes else NOT_RECORDED,
+        "date": record["finished"][:10] if "finished" in record else NOT_RECORDED,  # the ISO date part
+        "param_set": record.get("param_set", NOT_RECORDED),
+        "threads": record.get("threads", NOT_RECORDED),
+        "machine": record.get("machine", NOT_RECORDED),
+        "versions": ", ".join(versions) or NOT_RECORDED,
+    }
+
+
 def _record_run(path: Path, parameters: dict | None) -> None:
     nb = nbformat.read(str(path), as_version=4)
     nb.metadata["fastmem"] = run_record(parameters)
