@@ -16,6 +16,7 @@ the word is then retrieved among the entries of the inferred context only.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -191,6 +192,13 @@ class BindingMemory:
         return BindingMemory(self.symbol_states[:size], self.context_states[:size], self.values[:size],
                              self.bindings[:size], self.layer, self.value_kind, self.model, keys)
 
+    def followed_by(self, other: "BindingMemory") -> "BindingMemory":
+        """This memory's entries, then ``other``'s, without retrieval keys: project the result once (chapter 2: capacity)."""
+        return BindingMemory(torch.cat([self.symbol_states, other.symbol_states]),
+                             torch.cat([self.context_states, other.context_states]),
+                             torch.cat([self.values, other.values]), self.bindings + other.bindings,
+                             self.layer, self.value_kind, self.model)
+
     @classmethod
     def empty(cls, width: int) -> "BindingMemory":
         return cls(torch.zeros(0, width), torch.zeros(0, width), torch.zeros(0, width), [])
@@ -239,10 +247,13 @@ def memory_values(model: nn.Module, answer: fv.AnswerStates, targets: torch.Tens
     raise ParameterError(f"unknown value kind {kind!r}: use one of {VALUE_KINDS}")
 
 
+@torch.no_grad()
 def write_memory(model: nn.Module, tokenizer, write: PromptStates, bindings: list[tasks.Binding], layer: int,
                  value_kind: str = "iterated", step: float = 4.0, n_steps: int = 5,
                  projector: KeyProjector | None = None) -> BindingMemory:
     """Write every binding from its write statement's states (chapter 2); no gradient, no weight change.
+
+    It runs with autograd off: no gradient is taken, of the weights or of anything else.
 
     With ``projector`` the retrieval keys are projected here, once.
     """
@@ -337,22 +348,45 @@ def grace_codebook(memory: BindingMemory, write: PromptStates, initial_threshold
 
     A conflicting entry is one with another label: the radius ends halfway to the nearest one.
     """
-    keys = nn.functional.normalize(memory.symbol_states, dim=-1)
-    cosine = keys @ keys.T
-    labels = [b.label for b in memory.bindings]
-    conflict = torch.tensor([[a != b for b in labels] for a in labels], dtype=torch.bool)
-    nearest_conflict = cosine.masked_fill(~conflict, -1.0).max(dim=-1).values
-    thresholds = torch.maximum(torch.full_like(nearest_conflict, initial_threshold), (1 + nearest_conflict) / 2)
+    thresholds = grace_radii(memory.symbol_states, [b.label for b in memory.bindings], initial_threshold)
     return Codebook(memory.symbol_states, thresholds, write.answer.head_input + memory.values)
+
+
+def grace_radii(codebook_keys: torch.Tensor, labels: list[str], initial_threshold: float) -> torch.Tensor:
+    """Each entry's deferral radius (a cosine) after GRACE's conflict rule (chapter 2).
+
+    An entry's radius starts at ``initial_threshold`` and shrinks so that it ends halfway to the
+    nearest entry with another label: the larger of the two cosines.
+    """
+    keys = nn.functional.normalize(codebook_keys, dim=-1)
+    conflict = torch.tensor([[a != b for b in labels] for a in labels], dtype=torch.bool)
+    nearest_conflict = (keys @ keys.T).masked_fill(~conflict, -1.0).max(dim=-1).values
+    return torch.maximum(torch.full_like(nearest_conflict, initial_threshold), (1 + nearest_conflict) / 2)
 
 
 @torch.no_grad()
 def fit_grace_threshold(memory: BindingMemory, read: PromptStates, plain: PromptStates, unrelated: PromptStates,
-                        layer: int) -> float:
-    """The codebook's initial radius (a raw-key cosine), fitted on held-out TRAINING words like the gate (chapter 2)."""
-    best = {name: retrieve(s.keys["symbol"][layer], memory.symbol_states)[1]
-            for name, s in (("read", read), ("plain", plain), ("unrelated", unrelated))}
-    return separating_threshold(best["read"], torch.cat([best["plain"], best["unrelated"]]))
+                        layer: int, bindings: list[tasks.Binding]) -> float:
+    """The codebook's initial radius, chosen on held-out TRAINING words by the gate's rule (chapter 2).
+
+    Every candidate radius is scored after GRACE's conflict rule has shrunk it (:func:`grace_radii`):
+    a query counts as accepted when its cosine with its nearest entry reaches that entry's radius.
+    Positives are read questions whose nearest entry is their own binding; negatives are plain and
+    unrelated questions and read questions that would get another entry. The radius is the middle
+    of the range that maximises (positives accepted) - (negatives accepted), as in
+    :func:`separating_threshold`; shrunk radii that no positive reaches leave it at that range's middle.
+    """
+    floor = grace_radii(memory.symbol_states, [b.label for b in memory.bindings], -1.0)
+    own = {(b.word, b.context): i for i, b in enumerate(memory.bindings)}
+
+    def reachable(states):
+        index, best = retrieve(states.keys["symbol"][layer], memory.symbol_states)
+        return best.masked_fill(best < floor[index], -2.0), index
+
+    read_scores, read_index = reachable(read)
+    right = torch.tensor([own.get((b.word, b.context), -2) == i for b, i in zip(bindings, read_index.tolist())])
+    negatives = torch.cat([read_scores[~right], reachable(plain)[0], reachable(unrelated)[0]])
+    return separating_threshold(read_scores[right], negatives)
 
 
 def token_centre(states: list[PromptStates], layer: int) -> torch.Tensor:
@@ -643,3 +677,33 @@ def attached(model: nn.Module, memory: BindingMemory, projector: KeyProjector | 
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def slowed(model: nn.Module, seconds: float):
+    """Add a pause of ``seconds`` to every forward pass of ``model`` (chapter 2: the cost's positive control).
+
+    A known slowdown that the overhead measurement must detect, so that a ratio near 1 means
+    "no measurable overhead" rather than "a measurement too noisy to see one".
+    """
+    handle = model.register_forward_pre_hook(lambda module, args: time.sleep(seconds))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def retrieval_flops(entries: int, width: int, key_dim: int) -> int:
+    """Multiply-adds x 2 the memory adds per prompt: the query's projection and one dot product per stored key (chapter 2)."""
+    return 2 * (width * key_dim + entries * key_dim)
+
+
+def forward_flops_per_token(model: nn.Module) -> int:
+    """About 2 x the parameters a generated token's forward pass multiplies by (chapter 2: cost).
+
+    The input embedding is a lookup, so it counts only where the output head reuses it (tied weights).
+    """
+    head = model.get_output_embeddings().weight
+    lookup = model.get_input_embeddings().weight
+    counted = sum(p.numel() for p in model.parameters() if p is not lookup or p is head)
+    return 2 * counted

@@ -308,3 +308,83 @@ def test_chapter_2_runs_unmodified_on_the_paper_architecture(tmp_path):
     for name in ("binding_read_both_top1", "binding_read_context_gate", "binding_read_gated", "binding_write_token_both_top1"):
         assert 0.0 <= values[name] <= 1.0, name
     assert values["binding_overhead_ratio_1k"] > 0
+
+
+def test_retrieval_over_10000_entries_matches_brute_force():
+    """Capacity to 10,000 bindings: the one-product retrieval picks the same top-1 as a loop over entries."""
+    generator = torch.Generator().manual_seed(1)
+    keys, queries = torch.randn(10_000, 128, generator=generator), torch.randn(6, 128, generator=generator)
+    index, best = fb.retrieve(queries, keys)
+    for row, query in enumerate(queries):
+        cosines = [float(torch.dot(query, key) / (query.norm() * key.norm())) for key in keys]
+        assert index[row].item() == max(range(len(cosines)), key=cosines.__getitem__)
+        assert abs(best[row].item() - max(cosines)) < 1e-5
+
+
+def test_memory_followed_by_a_pool_keeps_order_and_is_projected_once(written, gated):
+    _, states, memory, _ = written
+    projector = gated[0]
+    joined = memory.followed_by(memory.head(2))
+    assert joined.retrieval_keys is None and len(joined) == len(memory) + 2
+    assert torch.equal(joined.symbol_states[len(memory):], memory.symbol_states[:2])
+    assert joined.bindings == memory.bindings + memory.bindings[:2]
+    joined.project(projector)
+    assert torch.allclose(joined.head(len(memory)).learned_keys(), gated[1].learned_keys(), atol=1e-6)
+
+
+def test_writing_a_fact_takes_no_gradient_and_leaves_weights_bit_identical(tiny_neox):
+    """Seed 002's "no backpropagation": even with every weight open to gradients, a write leaves no trace."""
+    model, tokenizer, _ = tiny_neox
+    bindings = tasks.make_bindings(["zorp", "quib"], ("Mars", "Venus"), ("red", "blue", "green"), seed=0)
+    states = fb.encode_bindings(model, tokenizer, bindings, [1], keep_cache=False)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.requires_grad_(True)
+    try:
+        memory = fb.write_memory(model, tokenizer, states["write"], bindings, 1)
+        assert memory.values.grad_fn is None and not memory.values.requires_grad
+        assert all(p.grad is None for p in model.parameters())
+        assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+
+
+def test_grace_radius_is_fitted_after_the_shrink_and_separates_reads_from_unrelated(written, gated):
+    bindings, states, memory, _ = written
+    unrelated = gated[3]
+    # The write statements as read questions: each lands exactly on its own entry (cosine 1).
+    radius = fb.fit_grace_threshold(memory, states["write"], unrelated, unrelated, LAYER, bindings)
+    codebook = fb.grace_codebook(memory, states["write"], radius)
+    assert torch.equal(fb.select_values(memory, "grace", states["write"], LAYER, codebook=codebook)[1],
+                       torch.arange(len(bindings)))
+    assert (fb.select_values(memory, "grace", unrelated, LAYER, codebook=codebook)[1] == -1).all()
+    # Shrunk radii never fall below the initial one, and reach halfway to the nearest conflicting key.
+    labels = [b.label for b in bindings]
+    radii = fb.grace_radii(memory.symbol_states, labels, radius)
+    assert (radii >= radius).all()
+    keys = torch.nn.functional.normalize(memory.symbol_states, dim=-1)
+    other = keys[1] if labels[1] != labels[0] else keys[2]
+    assert radii[0] >= (1 + float(keys[0] @ other)) / 2 - 1e-6
+
+
+def test_overhead_measurement_sees_a_known_slowdown(tiny_neox, monkeypatch):
+    """The cost section's positive control: a pause on every forward pass, and none once it is removed."""
+    import time
+
+    model, tokenizer, _ = tiny_neox
+    batch = {k: v for k, v in fv.encode_prompts(model, tokenizer, ["a b c"]).items() if k != "position_ids"}
+    generate = lambda: model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    with fb.slowed(model, 0.02):
+        start = time.perf_counter()
+        generate()
+        assert time.perf_counter() - start >= 3 * 0.02  # three forward passes, each paused
+    pauses = []
+    monkeypatch.setattr(fb.time, "sleep", pauses.append)
+    generate()
+    assert pauses == []  # the pause is gone once the block ends
+    with fb.slowed(model, 0.5):
+        generate()
+    assert pauses == [0.5] * 3
+    assert fb.retrieval_flops(10, 4, 2) == 2 * (4 * 2 + 10 * 2)
+    assert fb.forward_flops_per_token(model) >= 2 * model.get_output_embeddings().weight.numel()
