@@ -139,6 +139,25 @@ def next_token_nll(log_probs: torch.Tensor, token_ids: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------- overhead
+def timing_ratio(plain_times, memory_times, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Overhead in percent from paired, interleaved timings (chapter 3, measurement 2).
+
+    Repetition ``i`` timed the plain model and then the memory back to back, so both saw the same
+    machine load; its ratio ``memory_i / plain_i`` cancels slow drifts of that load. The overhead
+    is ``100 (median ratio - 1)`` with a percentile bootstrap interval over repetitions
+    (:func:`fastmem.stats.paired_bootstrap`); it depends on ratios only, never on absolute seconds.
+    """
+    plain, memory = np.asarray(plain_times, float), np.asarray(memory_times, float)
+    if plain.shape != memory.shape or plain.size == 0:
+        raise ParameterError("timing_ratio needs as many memory timings as plain ones, at least one")
+    ratios = memory / plain
+    low, high = stats.paired_bootstrap(lambda picks: 100 * (np.median(ratios[picks], axis=1) - 1),
+                                       len(ratios), n_boot, seed)
+    return {"overhead_pct": float(100 * (np.median(ratios) - 1)), "low": low, "high": high,
+            "plain_s": float(np.median(plain)), "memory_s": float(np.median(memory)),
+            "plain_times": plain.tolist(), "memory_times": memory.tolist()}
+
+
 @torch.no_grad()
 def overhead(model, token_ids, memory, repeats: int = 7, decode_steps: int = 16, n_boot: int = 2000,
              seed: int = 0, progress: bool = True) -> dict:
@@ -146,9 +165,8 @@ def overhead(model, token_ids, memory, repeats: int = 7, decode_steps: int = 16,
 
     Plain and memory runs alternate (plain, memory, plain, memory, ...) so that both see the same
     machine load; each run is (a) one forward pass over ``token_ids`` and (b) ``decode_steps``
-    single-token steps with a KV cache (time per step). For each, ``overhead_pct`` =
-    100 (median memory time / median plain time - 1), with a 95% bootstrap interval that resamples
-    the (plain, memory) pairs; every timing is kept.
+    single-token steps with a KV cache (time per step). For each, :func:`timing_ratio` gives the
+    median of the per-repetition ratios with a bootstrap interval over repetitions.
     """
     ids = torch.as_tensor(token_ids).reshape(1, -1)
     times = {("forward", False): [], ("forward", True): [], ("decode", False): [], ("decode", True): []}
@@ -174,16 +192,8 @@ def overhead(model, token_ids, memory, repeats: int = 7, decode_steps: int = 16,
     for _ in tqdm(range(repeats), desc="overhead", disable=not progress, leave=False):
         one_run(False)
         one_run(True)
-    result = {}
-    for kind in ("forward", "decode"):
-        plain, mem = np.array(times[(kind, False)]), np.array(times[(kind, True)])
-        low, high = stats.paired_bootstrap(
-            lambda picks: 100 * (np.median(mem[picks], axis=1) / np.median(plain[picks], axis=1) - 1),
-            repeats, n_boot, seed)
-        result[kind] = {"plain_s": float(np.median(plain)), "memory_s": float(np.median(mem)),
-                        "overhead_pct": float(100 * (np.median(mem) / np.median(plain) - 1)),
-                        "low": low, "high": high, "plain_times": plain.tolist(), "memory_times": mem.tolist()}
-    return result
+    return {kind: timing_ratio(times[(kind, False)], times[(kind, True)], n_boot, seed)
+            for kind in ("forward", "decode")}
 
 
 # ---------------------------------------------------------------------------- drift
@@ -502,7 +512,8 @@ def summarise(result: dict, baseline: dict | None = None) -> "pandas.DataFrame":
     return pd.DataFrame(rows)
 
 
-__all__ = ["memory_attached", "reset_memory", "sliding_windows", "perplexity", "perplexity_change", "next_token_nll", "overhead",
+__all__ = ["memory_attached", "reset_memory", "sliding_windows", "perplexity", "perplexity_change", "next_token_nll",
+           "timing_ratio", "overhead",
            "TopicScorer", "generate_with_memory", "probe_prompt", "long_generation_probe", "plain_essays",
            "recall_sequence", "teacher_forced_recall", "comprehension_prompt",
            "comprehension", "Suite", "run_suite", "summarise"]

@@ -147,10 +147,10 @@ CHAPTER_RULES: dict[str, dict[str, Rule]] = {
         "sweep_window_tokens": integer(2), "sweep_n_attractors": list_of(count()),
         "sweep_activation_threshold": number(), "sweep_decays": list_of(rate()),
         "sensitivity": mapping_of(Rule("a non-empty list", lambda v: isinstance(v, list) and len(v) > 0)),
-        "switch_passes": count(), "n_bootstrap": count(),
+        "switch_passes": count(), "n_switch_pairs": count(), "n_bootstrap": count(),
     },
     "04": {
-        "param_set": text(), "model_name": model_name(), "device": one_of(("cpu",)), "threads": count(),
+        "param_set": text(), "model_name": model_name(), "device": one_of(("auto", "cpu", "cuda")), "threads": count(),
         "seeds": list_of(integer(0), distinct=True), "methods": list_of(one_of(METHODS), distinct=True),
         "capacities": mapping_of(count()), "gammas": list_of(number(maximum=1, above=0), distinct=True),
         "primary_gamma": number(maximum=1, above=0), "inject_blocks": list_of(integer(0), distinct=True),

@@ -341,3 +341,12 @@ def verdict_effect_decidable(low: float, high: float, claimed: float, *, can_det
     if verdict in (HOLDS, PARTLY) and exact_p is not None and not exact_p < alpha:
         return INCONCLUSIVE
     return verdict
+
+
+def verdict_at_least(low: float, high: float, floor: float) -> str:
+    """Verdict on "the value is at least ``floor``" (chapter 3: failure modes), the mirror of :func:`verdict_at_most`.
+
+    - holds: ``low >= floor``; does not hold: ``high < floor``;
+    - inconclusive: the interval contains ``floor``, or is NaN.
+    """
+    return verdict_at_most(-high, -low, -floor)

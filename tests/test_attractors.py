@@ -8,7 +8,8 @@ import torch
 
 from fastmem import benchmark as bm
 from fastmem import evaluation, stats
-from fastmem.attractors import ATTRACTOR_SITES, AttractorConfig, AttractorLayer
+from fastmem.attractors import (ATTRACTOR_SITES, AttractorConfig, AttractorLayer, stream_effect,
+                                switch_summary, topic_switch)
 from fastmem.book import glued_values
 from fastmem.data import load_recall_probes
 from fastmem.errors import ParameterError
@@ -197,9 +198,60 @@ def test_overhead_reports_median_ratio_with_interval(tiny_neox):
     for kind in ("forward", "decode"):
         o = result[kind]
         assert len(o["plain_times"]) == len(o["memory_times"]) == 3
-        assert math.isclose(o["overhead_pct"], 100 * (np.median(o["memory_times"]) / np.median(o["plain_times"]) - 1))
+        ratios = np.array(o["memory_times"]) / np.array(o["plain_times"])
+        assert math.isclose(o["overhead_pct"], 100 * (np.median(ratios) - 1))
         assert o["low"] <= o["high"]
     assert not layer._handles, "overhead must leave the model plain"
+
+
+def test_overhead_verdict_on_synthetic_timings():
+    """The ratio is paired: a machine-load drift shared by both members of a pair cancels."""
+    rng = np.random.default_rng(0)
+    load = np.exp(rng.normal(0, 0.5, 40))  # the machine gets much faster and slower between repetitions
+    plain = 0.1 * load * np.exp(rng.normal(0, 0.005, 40))
+    for true_pct, verdict in ((5, "holds"), (13, "inconclusive"), (25, "does not hold")):
+        memory = plain * (1 + true_pct / 100) * np.exp(rng.normal(0, 0.005, 40))
+        o = bm.timing_ratio(plain, memory)
+        assert o["low"] <= true_pct + 0.5 and o["high"] >= true_pct - 0.5, (true_pct, o)
+        assert o["high"] - o["low"] < 2, "a shared load drift must not widen a paired interval"
+        assert stats.verdict_at_most(o["low"], o["high"], 13) == verdict, true_pct
+    with pytest.raises(ParameterError):
+        bm.timing_ratio([1.0, 2.0], [1.0])
+
+
+def test_stream_effect_is_zero_without_feedback_and_fresh_cosine_sees_history(tiny_neox):
+    model, _, _ = tiny_neox
+    windows = _inputs(4)
+    noop = stream_effect(model, AttractorConfig(layer=1, n_attractors=4, feedback_strength=0.0), windows)
+    assert np.all(noop["kl"] == 0) and np.all(noop["answer_changes"] == 0) and len(noop["kl"]) == 3
+    np.testing.assert_allclose(noop["nll"], noop["plain_nll"])
+    acting = stream_effect(model, AttractorConfig(layer=1, n_attractors=4, feedback_strength=4.0), windows)
+    assert np.all(acting["kl"] > 0)
+    # a layer that forgets nothing keeps its history's attractors: its feedback differs from a fresh layer's
+    kept = stream_effect(model, AttractorConfig(layer=1, n_attractors=4, decay=0.0, pull=0.0), windows, fresh=True)
+    assert len(kept["fresh_cosine"]) == 3 and kept["fresh_cosine"].max() < 0.99
+    # pull = 1 replaces the one attractor by this pass's activation, so the feedback's direction
+    # depends on this pass alone, as a fresh layer's does (windows that share most tokens keep the
+    # similarity positive, so that neither feedback is zero)
+    similar = [windows[0].clone() for _ in range(4)]
+    for i, x in enumerate(similar):
+        x[0, i] = 7
+    forgetting = stream_effect(model, AttractorConfig(layer=1, n_attractors=1, decay=1.0, pull=1.0), similar,
+                               fresh=True)
+    np.testing.assert_allclose(forgetting["fresh_cosine"], 1.0, atol=1e-5)
+
+
+def test_switch_summary_on_known_tracks():
+    assert switch_summary([1, 1, 1, 0.5, -0.5, -1], 3) == {"lag": 2, "old_share": 1 / 3, "snapped": 0.0}
+    assert switch_summary([1, 1, -0.2, 0.3, -1], 2) == {"lag": 1, "old_share": 1 / 3, "snapped": 1.0}
+    assert switch_summary([1, 1, 0.9, 0.8], 2)["lag"] == 3  # never crossed: censored at passes after + 1
+
+
+def test_topic_switch_follows_the_topics(tiny_neox):
+    model, _, _ = tiny_neox
+    a, b = _inputs(3, seed=1), _inputs(3, seed=2)
+    positions = topic_switch(model, AttractorConfig(layer=1, n_attractors=2, pull=1.0, decay=1.0), a, b)
+    assert positions.shape == (6,) and np.all(np.isfinite(positions))
 
 
 def test_repetition_metrics():
@@ -291,5 +343,13 @@ def test_ci_run_glues_sane_values():
     assert -100 <= values["attractor_gated_comprehension_change_pct"] <= 1000
     assert values["attractor_kl_smallest_k"] >= 0 and values["attractor_kl_largest_k"] >= 0
     assert 0 <= values["attractor_several_active_largest_k"] <= 1
+    # failure modes: intervals ordered, shares and cosines in range (params/ci/03.yaml: 2 article pairs
+    # of 3 + 3 passes, so a lag is 1..4, 4 meaning "never crossed")
+    assert values["attractor_kl_ratio_low"] <= values["attractor_kl_ratio_high"]
+    assert 0 <= values["attractor_answer_changes_largest_k"] <= 1
+    assert -1 <= values["attractor_cos_heaviest_decay_low"] <= values["attractor_cos_heaviest_decay_high"] <= 1
+    assert values["attractor_switch_pairs"] == 2 and 1 <= values["attractor_switch_lag"] <= 4
+    assert 0 <= values["attractor_snap_back_share"] <= 1
+    assert 0 <= values["attractor_snapped_share_low"] <= values["attractor_snapped_share_high"] <= 1
     for key in ("ppl", "overhead", "long", "gated", "k", "decay", "snap"):
         assert values[f"attractor_verdict_{key}"] in ("holds", "partly", "does not hold", "inconclusive"), key

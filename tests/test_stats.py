@@ -211,3 +211,11 @@ def test_verdict_effect_decidable_is_inconclusive_where_the_test_cannot_decide()
     assert stats.verdict_effect_decidable(-95, -20, claimed=-80, can_detect=True, exact_p=0.22) == "inconclusive"
     assert stats.verdict_effect_decidable(-95, -20, claimed=-80, can_detect=True, exact_p=0.01) == "holds"
     assert stats.verdict_effect_decidable(-10, 5, claimed=-80, can_detect=True, exact_p=0.9) == "does not hold"
+
+
+def test_verdict_at_least_mirrors_at_most():
+    assert stats.verdict_at_least(2.1, 3.0, 2.0) == "holds"
+    assert stats.verdict_at_least(2.0, 3.0, 2.0) == "holds"
+    assert stats.verdict_at_least(1.0, 1.9, 2.0) == "does not hold"
+    assert stats.verdict_at_least(1.5, 2.5, 2.0) == "inconclusive"
+    assert stats.verdict_at_least(float("nan"), 2.5, 2.0) == "inconclusive"
