@@ -1,6 +1,8 @@
 """Chapter 4: latent memory adapters around a frozen backbone (fastmem.latent)."""
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import torch
 from fastmem import data, evaluation
 from fastmem.book import glued_values
 from fastmem.errors import ParameterError
-from fastmem.latent import adapters, backbones, experiment, forgetting, training
+from fastmem.latent import adapters, backbones, devices, experiment, forgetting, training
 from fastmem.models import model_info
 
 from conftest import executed_ci_notebook
@@ -308,3 +310,90 @@ def test_an_adapter_file_of_another_kind_or_model_ends_with_one_line(tiny_neox, 
     layer_path = AttractorLayer(model, layer=1).save(tmp_path / "layer.safetensors")
     with pytest.raises(MemoryFileError, match="kind 'attractor_layer', not 'latent_adapter'"):
         adapters.LatentAdapter.load(layer_path, model)
+
+
+def test_an_adapter_whose_read_is_cut_does_not_recall(tiny_neox, monkeypatch):
+    """The recall test above fails when the read path is cut: with the bank kept from the read (it
+    sees an empty bank), the own bank answers exactly as the wrong one."""
+    model, tokenizer, _ = tiny_neox
+    backbone = backbones.make_backbone(model, tokenizer, inject_block=1, write_block=1, question_tokens=12,
+                                       answer_tokens=4, turn_tokens=12)
+    convs, questions = _fact_setting()
+    read = adapters.LatentAdapter.residual
+    monkeypatch.setattr(adapters.LatentAdapter, "residual", lambda self, h, bank: read(self, h, torch.zeros_like(bank)))
+    run, = experiment.run_latent_experiment(backbone, convs, questions, questions, questions, methods=["m2"], rows=8,
+                                            gammas=[1.0], seeds=[0], lr=3e-2, train={**TRAIN, "max_steps": 20},
+                                            max_new_tokens=3, conditions=("own", "wrong"))
+    assert run["preds"]["own"] == run["preds"]["wrong"]
+    assert run["f1"]["own"].mean() < 5 / 6
+
+
+_FACTORIES = ("zeros", "ones", "full", "arange", "tensor", "as_tensor", "empty", "randn", "rand")
+
+
+@pytest.mark.parametrize("fixture", ["tiny_neox", "tiny_t5"])
+def test_every_tensor_the_experiment_creates_follows_the_device(fixture, request):
+    """No CPU-only code path: every tensor fastmem.latent creates names its device (checked on the CPU,
+    the only device here; CUDA cannot be tested on this machine), and the run records its device."""
+    from torch.overrides import TorchFunctionMode
+
+    model, tokenizer, _ = request.getfixturevalue(fixture)
+    latent_dir = str(Path(adapters.__file__).parent)
+    unplaced = []
+
+    class RecordUnplaced(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            caller = sys._getframe(1).f_code.co_filename
+            if getattr(func, "__name__", "") in _FACTORIES and caller.startswith(latent_dir) \
+                    and "device" not in (kwargs or {}):
+                unplaced.append(f"{func.__name__} in {Path(caller).name}:{sys._getframe(1).f_lineno}")
+            return func(*args, **(kwargs or {}))
+
+    convs, questions = _fact_setting()
+    with RecordUnplaced():
+        backbone = backbones.make_backbone(model, tokenizer, inject_block=1, write_block=1, question_tokens=12,
+                                           answer_tokens=4, turn_tokens=12, device="cpu")
+        runs = experiment.run_latent_experiment(backbone, convs, questions[:4], questions[4:], questions[4:],
+                                                methods=["m1", "m2"], rows=8, gammas=[1.0], seeds=[0], lr=1e-2,
+                                                train={**TRAIN, "max_steps": 2, "eval_every": 1},
+                                                max_new_tokens=2, device="cpu")
+    assert unplaced == []
+    assert backbone.device == torch.device("cpu")
+    assert all(r["device"] == "cpu" and r["adapter"].device == torch.device("cpu") for r in runs)
+
+
+def test_auto_device_is_cuda_when_present_else_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert devices.resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert devices.resolve_device("auto") == torch.device("cuda")
+    assert devices.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ParameterError, match="device must be"):
+        devices.resolve_device("gpu please")
+
+
+def test_an_adapter_from_the_experiment_saves_and_loads_to_identical_outputs(tiny_neox, tmp_path):
+    model, tokenizer, _ = tiny_neox
+    backbone = backbones.make_backbone(model, tokenizer, inject_block=1, write_block=1, question_tokens=12,
+                                       answer_tokens=4, turn_tokens=12)
+    convs, questions = _fact_setting()
+    run, = experiment.run_latent_experiment(backbone, convs, questions, questions, questions, methods=["m2"], rows=8,
+                                            gammas=[0.95], seeds=[2], lr=3e-2,
+                                            train={**TRAIN, "max_steps": 10, "eval_every": 5},
+                                            max_new_tokens=3, conditions=("own",))
+    trained = run["adapter"]
+    loaded = adapters.LatentAdapter.load(trained.save(tmp_path / "m2.safetensors"), model)
+    assert (loaded.method, loaded.rows, loaded.gamma, loaded.seed) == ("m2", 8, 0.95, 2)
+    assert float(trained.gate.detach()) != 0.0  # trained: the saved read is not the initial closed gate
+    states = experiment.encode_conversations(backbone, convs.values())
+    batch = backbone.prepare([q["question"] for q in questions], [q["answer"] for q in questions])
+    prompts = backbone.prepare([q["question"] for q in questions])
+    banks = {}
+    for name, adapter in (("trained", trained), ("loaded", loaded)):  # each question's own bank, where asked
+        banks[name] = torch.stack([adapter.write_turns(adapter.empty_bank(), states[q["sample_id"]][: q["asked_at"]])[0]
+                                   for q in questions])
+    assert torch.equal(banks["loaded"], banks["trained"])
+    with torch.no_grad():
+        assert torch.equal(backbone.loss(trained, banks["trained"], batch), backbone.loss(loaded, banks["loaded"], batch))
+    answers = backbone.generate(loaded, banks["loaded"], prompts, 3)
+    assert answers == backbone.generate(trained, banks["trained"], prompts, 3) == run["preds"]["own"]

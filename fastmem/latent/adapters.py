@@ -34,6 +34,7 @@ from torch import nn
 from ..errors import ParameterError
 from ..models import ModelInfo, model_info
 from ..persistence import StoredMemory, load_memory, save_memory
+from .devices import resolve_device
 
 METHODS = ("m1", "m2", "m3", "m4", "m5", "m6")
 METHOD_NAMES = {
@@ -73,11 +74,15 @@ class LatentAdapter(nn.Module):
     (Flamingo style, gate ``tanh(gate)`` initialised at 0); m5 adds an input-dependent gate net;
     m4 reads ``softmax(q E^T) M``; m6 attends over the slots. Residual reads have no bias, so a
     zero bank adds exactly nothing.
+
+    ``device`` (``"auto"``: CUDA when present, else the CPU): the parameters are drawn on the CPU,
+    so an adapter's initial weights do not depend on the device, then moved there; every bank it
+    creates lives there too.
     """
 
     def __init__(self, method: str, width: int, rows: int, *, gamma: float = 0.95, top_k: int = 8,
                  train_write: bool = False, seed: int = 0, write_seed: int | None = None,
-                 hidden_rms: float = 1.0, model: ModelInfo | None = None):
+                 hidden_rms: float = 1.0, model: ModelInfo | None = None, device="auto"):
         super().__init__()
         if method not in METHODS:
             raise ParameterError(f"unknown latent-memory method {method!r}: use one of {', '.join(METHODS)}")
@@ -94,19 +99,20 @@ class LatentAdapter(nn.Module):
         d = width
         g = torch.Generator().manual_seed(10_000 + self.write_seed)
         scale = 1 / math.sqrt(d)
-        self.w_q = nn.Parameter(torch.randn(d, d, generator=g) * scale, requires_grad=self.train_write)
-        self.w_k = nn.Parameter(torch.randn(d, d, generator=g) * scale, requires_grad=self.train_write)
-        self.w_v = nn.Parameter(torch.randn(d, d, generator=g) * scale, requires_grad=self.train_write)
+        cpu = torch.device("cpu")  # seeded draws on the CPU: the same weights on every device
+        self.w_q = nn.Parameter(torch.randn(d, d, generator=g, device=cpu) * scale, requires_grad=self.train_write)
+        self.w_k = nn.Parameter(torch.randn(d, d, generator=g, device=cpu) * scale, requires_grad=self.train_write)
+        self.w_v = nn.Parameter(torch.randn(d, d, generator=g, device=cpu) * scale, requires_grad=self.train_write)
         # row addresses: the first `rows` of one fixed draw of 640, so 1x and 10x share their first rows
         big = max(rows, CAPACITY_ROWS["10x"])
-        self.register_buffer("addresses", torch.randn(big, d, generator=g)[:rows].clone())
+        self.register_buffer("addresses", torch.randn(big, d, generator=g, device=cpu)[:rows].clone())
         torch.manual_seed(self.seed)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(max(hidden_rms, 1e-3))))
+        self.log_scale = nn.Parameter(torch.tensor(math.log(max(hidden_rms, 1e-3)), device=cpu))
         inj = INJECTION[method]
         if inj in ("prefix", "kv"):
             self.proj = nn.Linear(d, d)
         else:
-            self.gate = nn.Parameter(torch.zeros(()))
+            self.gate = nn.Parameter(torch.zeros((), device=cpu))
             self.q = nn.Linear(d, d, bias=False)
             self.o = nn.Linear(d, d, bias=False)
             if method in ("m2", "m5"):
@@ -115,6 +121,7 @@ class LatentAdapter(nn.Module):
             if method == "m5":
                 self.gate_net = nn.Linear(d, d)
                 nn.init.constant_(self.gate_net.bias, -1.0)
+        self.to(resolve_device(device))
 
     def save(self, path: Path | str) -> Path:
         """Write the adapter, read and write side, to a memory file with its settings and model (chapter 4)."""
@@ -131,11 +138,17 @@ class LatentAdapter(nn.Module):
         def rebuild(stored: StoredMemory) -> "LatentAdapter":
             settings = dict(stored.settings)
             method, rows = settings.pop("method"), settings.pop("rows")
-            adapter = cls(method, stored.width, rows, model=model_info(model), **settings)
+            adapter = cls(method, stored.width, rows, model=model_info(model), device=_device_of(model),
+                          **settings)
             adapter.load_state_dict(stored.tensors)
             return adapter
 
         return load_memory(path, MEMORY_KIND, model).rebuild(rebuild)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the adapter's parameters and banks live (chapter 4)."""
+        return self.addresses.device
 
     @property
     def injection(self) -> str:
@@ -153,14 +166,14 @@ class LatentAdapter(nn.Module):
     # ---- writing -----------------------------------------------------------------------------
     def empty_bank(self) -> torch.Tensor:
         """An empty bank: ``rows x width`` zeros (chapter 4)."""
-        return torch.zeros(self.rows, self.width)
+        return torch.zeros(self.rows, self.width, device=self.device)
 
     def turn_features(self, states: list[torch.Tensor]) -> list[tuple]:
         """Project the states of many turns at once: the bank-independent part of every write (chapter 4)."""
         if not states:
             return []
         lengths = [s.shape[0] for s in states]
-        z = torch.cat(states, 0).to(self.w_q.dtype)
+        z = torch.cat(states, 0).to(self.w_q.device, self.w_q.dtype)
         zq = z @ self.w_q
         zqk = zq @ self.w_k.T
         ze = zq @ self.addresses.T / math.sqrt(self.width)
@@ -243,12 +256,17 @@ class LatentAdapter(nn.Module):
         return torch.tanh(self.gate) * self.scale * out
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def shared_features(width: int, states: list[torch.Tensor], write_seed: int) -> list[tuple]:
     """Write-side projections of many turns for every adapter with this ``write_seed`` (chapter 4).
 
     All methods and both capacities draw the same random write projections and row addresses
     from ``write_seed`` (1x uses the first 64 of the 640 addresses), so one projection pass serves all.
     """
-    ref = LatentAdapter("m2", width, CAPACITY_ROWS["10x"], write_seed=write_seed)
+    device = states[0].device if states else "auto"
+    ref = LatentAdapter("m2", width, CAPACITY_ROWS["10x"], write_seed=write_seed, device=device)
     with torch.no_grad():
         return ref.turn_features(states)

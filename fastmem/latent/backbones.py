@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import ParameterError
 from ..models import final_norm, transformer_blocks
+from .devices import resolve_device
 
 
 class _KV:
@@ -34,6 +35,9 @@ class _KV:
     def copy(self) -> "_KV":
         return _KV(self.k, self.v)
 
+    def to(self, device) -> "_KV":
+        return _KV({i: t.to(device) for i, t in self.k.items()}, {i: t.to(device) for i, t in self.v.items()})
+
     def expand(self, batch: int) -> "_KV":
         return _KV({i: t.expand(batch, -1, -1, -1) for i, t in self.k.items()},
                    {i: t.expand(batch, -1, -1, -1) for i, t in self.v.items()})
@@ -47,11 +51,27 @@ def _per_batch(tokens: torch.Tensor) -> torch.Tensor:
 def _mask(valid: torch.Tensor, n_query: int, prefix: int, dtype) -> torch.Tensor:
     """Additive mask (B, 1, Q, prefix + S): all prefix keys visible, causal and padding over the rest."""
     b, s = valid.shape
-    qpos = torch.arange(s - n_query, s).unsqueeze(1)
-    allowed = valid[:, None, :] & (torch.arange(s)[None, :] <= qpos)[None]
+    device = valid.device
+    qpos = torch.arange(s - n_query, s, device=device).unsqueeze(1)
+    allowed = valid[:, None, :] & (torch.arange(s, device=device)[None, :] <= qpos)[None]
     if prefix:
-        allowed = torch.cat([torch.ones(b, n_query, prefix, dtype=torch.bool), allowed], -1)
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+        allowed = torch.cat([torch.ones(b, n_query, prefix, dtype=torch.bool, device=device), allowed], -1)
+    blocked = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return blocked.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def _padded(rows: list[list], fill, device, *, left: bool) -> torch.Tensor:
+    """Rows of different lengths as one tensor on ``device``, padded with ``fill`` on the left or right."""
+    width = max(map(len, rows))
+    pad = [[fill] * (width - len(r)) for r in rows]
+    return torch.tensor([p + r if left else r + p for p, r in zip(pad, rows)], device=device)
+
+
+def _model_device(model, device) -> torch.device:
+    """Resolve ``device`` and move the frozen model there (its weights are read only)."""
+    device = resolve_device(device)
+    model.to(device)
+    return device
 
 
 @dataclass
@@ -71,9 +91,16 @@ class QuestionBatch:
     def __len__(self) -> int:
         return self.ids.shape[0]
 
+    def to(self, device) -> "QuestionBatch":
+        """The same batch with every tensor and cache on ``device`` (chapter 4)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, ids=move(self.ids), valid=move(self.valid), positions=move(self.positions),
+                       labels=move(self.labels), cached=move(self.cached), lower_cache=move(self.lower_cache),
+                       upper_cache=move(self.upper_cache))
+
     def subset(self, idx) -> "QuestionBatch":
         """The rows ``idx`` of the batch, for a training mini-batch (chapter 4)."""
-        idx = torch.as_tensor(idx, dtype=torch.long)
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.ids.device)
         sub = replace(self, ids=self.ids[idx], valid=self.valid[idx],
                       positions=None if self.positions is None else self.positions[idx],
                       labels=None if self.labels is None else self.labels[idx],
@@ -97,8 +124,9 @@ class DecoderOnlyBackbone:
     family = "decoder-only"
 
     def __init__(self, model, tokenizer, *, inject_block: int, write_block: int,
-                 question_tokens: int = 24, answer_tokens: int = 8, turn_tokens: int = 24):
+                 question_tokens: int = 24, answer_tokens: int = 8, turn_tokens: int = 24, device="auto"):
         self.model, self.tokenizer = model, tokenizer
+        self.device = _model_device(model, device)
         self.blocks = transformer_blocks(model)
         n = len(self.blocks)
         for name, value in (("inject_block", inject_block), ("write_block", write_block)):
@@ -115,12 +143,18 @@ class DecoderOnlyBackbone:
         vocab = self.head.weight.shape[0]
         self.blank_ids = torch.tensor([i for i, t in enumerate(tokenizer.convert_ids_to_tokens(list(range(min(vocab, len(tokenizer))))))
                                        if not tokenizer.convert_tokens_to_string([t]).strip()]
-                                      + [self.stop_id] + list(tokenizer.all_special_ids))
+                                      + [self.stop_id] + list(tokenizer.all_special_ids), device=self.device)
 
     @property
     def width(self) -> int:
         """Hidden width ``d`` of the backbone (chapter 4)."""
         return self.embed.weight.shape[1]
+
+    def to(self, device) -> "DecoderOnlyBackbone":
+        """Move the frozen model and the backbone's own tensors to ``device`` (chapter 4)."""
+        self.device = _model_device(self.model, device)
+        self.blank_ids = self.blank_ids.to(self.device)
+        return self
 
     def _tok(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -143,13 +177,9 @@ class DecoderOnlyBackbone:
         out = []
         for start in range(0, len(texts), batch_size):
             rows = [self._tok(t)[: self.turn_tokens] or [self.pad_id] for t in texts[start:start + batch_size]]
-            width = max(map(len, rows))
-            ids = torch.full((len(rows), width), self.pad_id)
-            valid = torch.zeros(len(rows), width, dtype=torch.bool)
-            for i, r in enumerate(rows):
-                ids[i, : len(r)] = torch.tensor(r)
-                valid[i, : len(r)] = True
-            pos = torch.arange(width).expand(len(rows), -1)
+            ids = _padded(rows, self.pad_id, self.device, left=False)
+            valid = _padded([[True] * len(r) for r in rows], False, self.device, left=False)
+            pos = torch.arange(ids.shape[1], device=self.device).expand(len(rows), -1)
             h = self._run(self.embed(ids), pos, valid, range(self.write_block))
             out += [h[i, : len(r)].clone() for i, r in enumerate(rows)]
         return out
@@ -176,25 +206,21 @@ class DecoderOnlyBackbone:
             a = (self._tok(" " + answers[i])[: self.answer_tokens] + [self.stop_id]) if answers else []
             rows.append(p + a)
             labels.append([-100] * (len(p) - 1) + a + [-100])
-        width = max(map(len, rows))
         b = len(rows)
-        ids = torch.full((b, width), self.pad_id)
-        valid = torch.zeros(b, width, dtype=torch.bool)
-        lab = torch.full((b, width), -100)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r)
-            valid[i, width - len(r):] = True
-            lab[i, width - len(r):] = torch.tensor(labels[i][: len(r)])
+        ids = _padded(rows, self.pad_id, self.device, left=True)
+        valid = _padded([[True] * len(r) for r in rows], False, self.device, left=True)
+        lab = _padded([labels[i][: len(r)] for i, r in enumerate(rows)], -100, self.device, left=True)
         offset, lower_cache, upper_cache, prefix_lens = 0, None, None, {}
         if answers is None:
             lower_cache, upper_cache = _KV(), _KV()
             if context:
                 cids = self._tok(context)[-context_tokens:] if context_tokens else self._tok(context)
                 offset = len(cids)
-                cpos = torch.arange(offset).unsqueeze(0)
+                cpos = torch.arange(offset, device=self.device).unsqueeze(0)
                 tmp = _KV()
-                self._run(self.embed(torch.tensor([cids])), cpos, torch.ones(1, offset, dtype=torch.bool),
-                          range(len(self.blocks)), cache=tmp)
+                self._run(self.embed(torch.tensor([cids], device=self.device)), cpos,
+                          torch.ones(1, offset, dtype=torch.bool, device=self.device), range(len(self.blocks)),
+                          cache=tmp)
                 full = tmp.expand(b)
                 lower_cache = _KV({i: full.k[i] for i in range(self.inject)}, {i: full.v[i] for i in range(self.inject)})
                 upper_cache = _KV({i: full.k[i] for i in range(self.inject, len(self.blocks))},
@@ -211,7 +237,8 @@ class DecoderOnlyBackbone:
         n, p = tokens.shape[:2]
         layers = range(self.inject, len(self.blocks)) if adapter.injection == "prefix" else [self.inject]
         tmp = _KV()
-        self._run(tokens, torch.zeros(n, p, dtype=torch.long), torch.ones(n, p, dtype=torch.bool), layers, cache=tmp)
+        self._run(tokens, torch.zeros(n, p, dtype=torch.long, device=self.device),
+                  torch.ones(n, p, dtype=torch.bool, device=self.device), layers, cache=tmp)
         full = tmp.expand(batch_size)
         cache.k.update(full.k)
         cache.v.update(full.v)
@@ -289,8 +316,9 @@ class EncoderDecoderBackbone:
     family = "encoder-decoder"
 
     def __init__(self, model, tokenizer, *, inject_block: int, write_block: int | None = None,
-                 question_tokens: int = 24, answer_tokens: int = 8, turn_tokens: int = 24):
+                 question_tokens: int = 24, answer_tokens: int = 8, turn_tokens: int = 24, device="auto"):
         self.model, self.tokenizer = model, tokenizer
+        self.device = _model_device(model, device)
         self.blocks = transformer_blocks(model)
         if not isinstance(inject_block, int) or not 0 <= inject_block < len(self.blocks):
             raise ParameterError(f"inject_block must index a decoder block in [0, {len(self.blocks) - 1}], got {inject_block!r}")
@@ -303,14 +331,15 @@ class EncoderDecoderBackbone:
         """Hidden width ``d`` of the backbone (chapter 4)."""
         return self.model.config.d_model
 
+    def to(self, device) -> "EncoderDecoderBackbone":
+        """Move the frozen model to ``device`` (chapter 4)."""
+        self.device = _model_device(self.model, device)
+        return self
+
     def _encode_ids(self, texts, limit):
         rows = [self.tokenizer.encode(t, add_special_tokens=False)[:limit] + [self.stop_id] for t in texts]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        ids = _padded(rows, self.tokenizer.pad_token_id, self.device, left=False)
+        mask = _padded([[1] * len(r) for r in rows], 0, self.device, left=False)
         return ids, mask, rows
 
     @torch.no_grad()
@@ -333,9 +362,7 @@ class EncoderDecoderBackbone:
         labels = None
         if answers:
             rows = [self.tokenizer.encode(a, add_special_tokens=False)[: self.answer_tokens] + [self.stop_id] for a in answers]
-            labels = torch.full((len(rows), max(map(len, rows))), -100)
-            for i, r in enumerate(rows):
-                labels[i, : len(r)] = torch.tensor(r)
+            labels = _padded(rows, -100, self.device, left=False)
         return QuestionBatch(ids, mask.bool(), None, labels, enc)
 
     def _encoder_states(self, adapter, bank, batch):
@@ -345,12 +372,12 @@ class EncoderDecoderBackbone:
         if adapter.injection == "prefix":
             tokens = _per_batch(adapter.memory_tokens(bank)).expand(len(batch), -1, -1)
             embeds = torch.cat([tokens, self.model.get_input_embeddings()(batch.ids)], 1)
-            mask = torch.cat([torch.ones(len(batch), tokens.shape[1], dtype=torch.long), mask], 1)
+            mask = torch.cat([torch.ones(len(batch), tokens.shape[1], dtype=torch.long, device=self.device), mask], 1)
             enc = self.model.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         elif adapter.injection == "kv":
             tokens = _per_batch(adapter.memory_tokens(bank)).expand(len(batch), -1, -1)
             enc = torch.cat([enc, tokens], 1)
-            mask = torch.cat([mask, torch.ones(len(batch), tokens.shape[1], dtype=torch.long)], 1)
+            mask = torch.cat([mask, torch.ones(len(batch), tokens.shape[1], dtype=torch.long, device=self.device)], 1)
         return enc, mask
 
     @contextmanager
@@ -391,7 +418,11 @@ class EncoderDecoderBackbone:
 
 
 def make_backbone(model, tokenizer, **kwargs):
-    """The right backbone wrapper for ``model``'s family (chapter 4)."""
+    """The right backbone wrapper for ``model``'s family (chapter 4).
+
+    ``device`` (default ``"auto"``: CUDA when present, else the CPU) is where the frozen model is
+    moved and every tensor the backbone creates lives.
+    """
     cls = EncoderDecoderBackbone if model.config.is_encoder_decoder else DecoderOnlyBackbone
     return cls(model, tokenizer, **kwargs)
 

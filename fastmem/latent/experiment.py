@@ -17,9 +17,11 @@ import torch
 
 from ..data import Conversation
 from ..evaluation import answer_f1, bm25_top_k
+from ..models import model_info
 from ..stats import paired_change
 from .adapters import LatentAdapter, shared_features
 from .backbones import hidden_rms
+from .devices import resolve_device
 from .training import train_until_plateau
 
 CONDITIONS = ("own", "wrong", "oracle", "paper", "zero")
@@ -163,7 +165,7 @@ def run_latent_experiment(backbone, convs: dict[str, Conversation], train_questi
                           valid_questions: list[dict], test_questions: list[dict], *, methods, rows: int, gammas,
                           seeds, lr: float, train: dict, max_new_tokens: int, prefix: str = "", slot_top_k: int = 8,
                           states: dict | None = None, prepared: dict | None = None,
-                          conditions=CONDITIONS) -> list[dict]:
+                          conditions=CONDITIONS, device="auto") -> list[dict]:
     """Train one adapter per (seed, gamma, method) and answer the test questions under each condition (chapter 4).
 
     Questions come from :func:`asking_points`: training and validation questions read their own
@@ -171,11 +173,19 @@ def run_latent_experiment(backbone, convs: dict[str, Conversation], train_questi
     :data:`CONDITIONS`). ``train`` holds :func:`~fastmem.latent.training.train_until_plateau`'s
     settings but ``lr``; ``states`` (:func:`encode_conversations`) and ``prepared``
     (:func:`prepare_questions`, with the same ``prefix``) are computed here when not given.
-    Returns one row per run: ``method``, ``gamma``, ``seed``, ``training`` (curves, steps),
-    ``preds`` and ``f1`` (per test question) by condition.
+    ``device`` (``"auto"``: CUDA when present, else the CPU): the backbone's model, the given
+    states and batches, every adapter and every bank are put there; only the final answers leave it.
+    Returns one row per run: ``method``, ``gamma``, ``seed``, ``device``, ``training`` (curves,
+    steps), ``adapter`` (trained, recording its model so that ``adapter.save`` works), ``preds``
+    and ``f1`` (per test question) by condition.
     """
-    states = encode_conversations(backbone, convs.values()) if states is None else states
+    device = resolve_device(device)
+    backbone.to(device)
+    states = encode_conversations(backbone, convs.values()) if states is None else {
+        sid: [z.to(device) for z in turns] for sid, turns in states.items()}
     prepared = prepared or prepare_questions(backbone, train_questions, valid_questions, test_questions, prefix)
+    prepared = {part: [batch.to(device) for batch in batches] for part, batches in prepared.items()}
+    backbone_model = model_info(backbone.model)
     scale = hidden_rms(prepared["valid"][0])
     keys = {"own": lambda q: (q["sample_id"], q["asked_at"]), "wrong": lambda q: (q["wrong_id"], q["wrong_at"]),
             "paper": lambda q: (q["sample_id"], len(convs[q["sample_id"]].turns))}
@@ -193,7 +203,7 @@ def run_latent_experiment(backbone, convs: dict[str, Conversation], train_questi
         for gamma in gammas:
             for method in methods:
                 adapter = LatentAdapter(method, backbone.width, rows, gamma=gamma, top_k=slot_top_k, seed=seed,
-                                        hidden_rms=scale)
+                                        hidden_rms=scale, model=backbone_model, device=device)
                 banks = _banks(adapter, features, needed)
                 info = train_until_plateau(
                     adapter, backbone, prepared["train"][0], [banks[keys["own"](q)] for q in train_questions],
@@ -208,7 +218,8 @@ def run_latent_experiment(backbone, convs: dict[str, Conversation], train_questi
                     else:
                         bank_list = [banks[keys[name](q)] for q in test_questions]
                     preds[name] = answer_chunks(backbone, adapter, prepared["test"], bank_list, max_new_tokens)
-                runs.append({"method": method, "gamma": gamma, "seed": seed, "training": info, "preds": preds,
+                runs.append({"method": method, "gamma": gamma, "seed": seed, "device": str(device),
+                             "training": info, "adapter": adapter, "preds": preds,
                              "f1": {name: answer_f1(p, test_questions) for name, p in preds.items()}})
     return runs
 
