@@ -83,8 +83,11 @@ def read_parameters(path: Path | str) -> dict:
 
 def recorded_minutes(notebook: Path) -> float:
     """How long the notebook's last recorded execution took (papermill's metadata), 0 if never executed."""
-    duration = nbformat.read(str(notebook), as_version=4).metadata.get("papermill", {}).get("duration")
-    return (duration or 0.0) / 60
+    return _minutes(nbformat.read(str(notebook), as_version=4).metadata)
+
+
+def _minutes(metadata: dict) -> float:
+    return (metadata.get("papermill", {}).get("duration") or 0.0) / 60
 
 
 def longest_first(notebooks: list[Path]) -> list[Path]:
@@ -187,8 +190,8 @@ def run_status(notebook: Path | str) -> dict[str, str]:
     Reads the notebook's own metadata (:func:`run_record` and papermill's duration); a field the
     notebook does not carry reads ``not recorded``, so a chapter committed without a run record shows.
     """
-    record = nbformat.read(str(notebook), as_version=4).metadata.get("fastmem", {})
-    minutes = recorded_minutes(Path(notebook))
+    metadata = nbformat.read(str(notebook), as_version=4).metadata
+    record, minutes = metadata.get("fastmem", {}), _minutes(metadata)
     packages = record.get("packages", {})
     versions = ([f"Python {record['python']}"] if "python" in record else []) + [
         f"{name} {version}" for name, version in packages.items()]
@@ -268,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     # Absolute paths before anything runs: papermill changes the working directory while it executes.
     notebooks = [Path(n).resolve() for n in args.notebooks] or chapter_notebooks()
+    if args.jobs > 1:
+        notebooks = longest_first(notebooks)
     params = str(Path(args.params).resolve()) if args.params.endswith((".yaml", ".yml")) else args.params
     out = str(Path(args.out).resolve()) if args.out else None
     runs = []
@@ -287,8 +292,6 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from concurrent.futures import ProcessPoolExecutor
 
-        order = longest_first([run[0] for run in runs])
-        runs.sort(key=lambda run: order.index(run[0]))
         # Processes, not threads: the working directory papermill sets is shared by every thread of a process.
         with ProcessPoolExecutor(args.jobs) as pool:
             errors = [e for e in pool.map(_run_one, *zip(*runs)) if e]
