@@ -143,6 +143,11 @@ def paired_bootstrap(statistic: Callable[[np.ndarray], np.ndarray], n_items: int
 
 
 # ---------------------------------------------------------------------------- closed-form intervals
+def mean_or_nan(values) -> float:
+    """Mean of ``values``; NaN, without a warning, when there are none (chapter 4: empty lag buckets)."""
+    return float(np.mean(values)) if np.size(values) else float("nan")
+
+
 def t_interval(values, level: float = 0.95) -> tuple[float, float, float]:
     """Mean and Student-t interval (chapter 4: over training seeds); the interval is NaN with one value."""
     values = np.asarray(values, dtype=float)
@@ -162,6 +167,11 @@ def wilson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[f
 
 
 # ---------------------------------------------------------------------------- exact paired tests
+def share_ci(share: float, trials: int, level: float = 0.95) -> tuple[float, float, float]:
+    """A share of ``trials`` and its Wilson interval, as (share, low, high) (chapter 1: flip shares)."""
+    return (float(share), *wilson_interval(int(round(share * trials)), trials, level))
+
+
 def sign_test(plain, other) -> dict:
     """Exact two-sided sign test of paired scores (chapters 2-4); for 0/1 outcomes this is McNemar's exact test.
 

@@ -219,3 +219,14 @@ def test_verdict_at_least_mirrors_at_most():
     assert stats.verdict_at_least(1.0, 1.9, 2.0) == "does not hold"
     assert stats.verdict_at_least(1.5, 2.5, 2.0) == "inconclusive"
     assert stats.verdict_at_least(float("nan"), 2.5, 2.0) == "inconclusive"
+
+
+def test_mean_or_nan_is_nan_only_without_values():
+    assert stats.mean_or_nan([1, 2, 6]) == 3
+    assert np.isnan(stats.mean_or_nan(np.array([])))
+
+
+def test_share_ci_is_the_wilson_interval_of_the_counted_successes():
+    share, low, high = stats.share_ci(81 / 263, 263)
+    assert share == pytest.approx(81 / 263)
+    assert (low, high) == pytest.approx(stats.wilson_interval(81, 263))
