@@ -166,12 +166,12 @@ def wilson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[f
     return (float(interval.low), float(interval.high))
 
 
-# ---------------------------------------------------------------------------- exact paired tests
 def share_ci(share: float, trials: int, level: float = 0.95) -> tuple[float, float, float]:
     """A share of ``trials`` and its Wilson interval, as (share, low, high) (chapter 1: flip shares)."""
     return (float(share), *wilson_interval(int(round(share * trials)), trials, level))
 
 
+# ---------------------------------------------------------------------------- exact paired tests
 def sign_test(plain, other) -> dict:
     """Exact two-sided sign test of paired scores (chapters 2-4); for 0/1 outcomes this is McNemar's exact test.
 
