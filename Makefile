@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SANITIZE := --nbval-lax --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg
 
-.PHONY: setup book html test verify clean
+.PHONY: setup book html test verify mutants clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,11 @@ test: setup
 ## Slow: re-execute the committed notebooks with their defaults and compare with their outputs.
 verify: setup
 	$(BIN)/python -m pytest notebooks $(SANITIZE)
+
+## Cut each mechanism a verdict rests on (decay, gates, thresholds, interval routines), one at a time, and
+## check that a test fails (tests/mutants.py; a few minutes).
+mutants: setup
+	OMP_NUM_THREADS=1 $(BIN)/python tests/mutants.py
 
 clean:
 	rm -rf _build

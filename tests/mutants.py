@@ -1,0 +1,125 @@
+"""Mutation check: cut each mechanism a verdict rests on and see a test fail (``make mutants``).
+
+Each mutant replaces one line of ``fastmem`` (the mechanism) by a version without it, in a copy of
+the repository, and runs the test file that guards it. A mutant that leaves its tests green is a
+mechanism no test protects. ``tests/test_mutants.py`` checks, in every ``make test``, that each
+mutant still applies to today's code, so this list cannot drift silently.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str
+    original: str
+    mutated: str
+    tests: str
+
+
+MUTANTS = (
+    Mutant("every bootstrap interval collapsed to its mean", "fastmem/stats.py",
+           "return float(np.quantile(boot, tail)), float(np.quantile(boot, 1 - tail))",
+           "return float(boot.mean()), float(boot.mean())", "tests/test_stats.py"),
+    Mutant("cluster bootstrap ignores the units inside a cluster", "fastmem/stats.py",
+           "return cluster_count[:, clusters] * unit_count[:, units]",
+           "return cluster_count[:, clusters] * 1.0", "tests/test_stats.py"),
+    Mutant("paired change reports its point as its interval", "fastmem/stats.py",
+           "low, high = _percentiles(boot, level)", "low = high = float(point)", "tests/test_stats.py"),
+    Mutant("a failed positive control no longer makes a null inconclusive", "fastmem/stats.py",
+           "return INCONCLUSIVE if verdict == DOES_NOT_HOLD and not control_passed else verdict",
+           "return verdict", "tests/test_stats.py"),
+    Mutant("the exact test no longer vetoes a bootstrap effect", "fastmem/stats.py",
+           "if verdict in (HOLDS, PARTLY) and exact_p is not None and not exact_p < alpha:",
+           "if False:", "tests/test_stats.py"),
+    Mutant("a degenerate interval is accepted as certainty", "fastmem/stats.py",
+           "or low >= high:", "or False:", "tests/test_stats.py"),
+    Mutant("timing ratio interval collapsed", "fastmem/benchmark.py",
+           "low, high = stats.paired_bootstrap(lambda picks: 100 * (np.median(ratios[picks], axis=1) - 1),",
+           "low = high = 100 * (np.median(ratios) - 1); (lambda picks: 100 * (np.median(ratios[picks], axis=1) - 1),",
+           "tests/test_attractors.py"),
+    Mutant("latent attention write without decay", "fastmem/latent/adapters.py",
+           "torch.addmm(bank, a.T, v, beta=self.gamma)", "torch.addmm(bank, a.T, v)", "tests/test_latent.py"),
+    Mutant("latent Hebbian write without decay", "fastmem/latent/adapters.py",
+           "return self.gamma * bank + delta", "return bank + delta", "tests/test_latent.py"),
+    Mutant("attractor strengths never decay", "fastmem/attractors.py",
+           "(1 - cfg.decay) * self.strengths)", "self.strengths)", "tests/test_attractors.py"),
+    Mutant("attractor gate removed", "fastmem/attractors.py",
+           "weight = weight * (c >= cfg.gate_threshold).to(weight.dtype)", "pass", "tests/test_attractors.py"),
+    Mutant("attractor burn-in removed", "fastmem/attractors.py",
+           "f = self.feedback * active[:, None].to(self.feedback.dtype)", "f = self.feedback",
+           "tests/test_attractors.py"),
+    Mutant("attractor activation threshold removed", "fastmem/attractors.py",
+           "activated = c >= cfg.activation_threshold", "activated = c >= -2", "tests/test_attractors.py"),
+    Mutant("attractors never move towards the activation", "fastmem/attractors.py",
+           "self.attractors = a + cfg.pull * act[..., None] * (x[:, None, :] - a)", "self.attractors = a",
+           "tests/test_attractors.py"),
+    Mutant("binding gate ignores whether the context is present", "fastmem/binding.py",
+           "miss = (context_score < gate.context_threshold) | (best < gate.word_threshold)",
+           "miss = best < gate.word_threshold", "tests/test_binding.py"),
+    Mutant("binding gate ignores whether the word is present", "fastmem/binding.py",
+           "miss = (context_score < gate.context_threshold) | (best < gate.word_threshold)",
+           "miss = context_score < gate.context_threshold", "tests/test_binding.py"),
+    Mutant("binding similarity threshold removed", "fastmem/binding.py",
+           "miss = best < threshold if threshold is not None else", "miss = ", "tests/test_binding.py"),
+    Mutant("GRACE radii do not shrink away from conflicting entries", "fastmem/binding.py",
+           "return torch.maximum(torch.full_like(nearest_conflict, initial_threshold), (1 + nearest_conflict) / 2)",
+           "return torch.full_like(nearest_conflict, initial_threshold)", "tests/test_binding.py"),
+)
+
+
+def apply(mutant: Mutant, root: Path) -> None:
+    """Write ``mutant`` into the copy at ``root``; the original line must occur exactly once."""
+    source = root / mutant.path
+    text = source.read_text()
+    found = text.count(mutant.original)
+    if found != 1:
+        raise ValueError(f"mutant {mutant.name!r}: its line occurs {found} times in {mutant.path}")
+    source.write_text(text.replace(mutant.original, mutant.mutated))
+
+
+def tests_pass(tests: list[str], mutant: Mutant | None = None) -> bool:
+    """Do ``tests`` pass in a fresh copy of the tracked tree, with ``mutant`` applied if given?"""
+    with tempfile.TemporaryDirectory() as folder:
+        copy = Path(folder)
+        tracked = subprocess.run(["git", "ls-files", "fastmem", "tests", "data", "pyproject.toml"], cwd=ROOT,
+                                 capture_output=True, text=True, check=True).stdout.split()
+        for name in tracked:
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, copy / name)
+        if mutant is not None:
+            apply(mutant, copy)
+        result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                                cwd=copy, capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1"})
+        return result.returncode == 0
+
+
+def main() -> int:
+    # A mutant counts as caught only if the same tests pass without it.
+    if not tests_pass(sorted({m.tests for m in MUTANTS})):
+        print("the guarding tests fail without any mutant: fix them first")
+        return 1
+    survivors = []
+    for mutant in MUTANTS:
+        caught = not tests_pass([mutant.tests], mutant)
+        print(f"{'caught  ' if caught else 'SURVIVED'}  {mutant.name}", flush=True)
+        if not caught:
+            survivors.append(mutant.name)
+    print(f"{len(MUTANTS) - len(survivors)} of {len(MUTANTS)} mutants caught")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
