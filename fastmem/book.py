@@ -18,7 +18,8 @@ from pathlib import Path
 import nbformat
 import yaml
 
-from .errors import ParameterError
+from .errors import ModelFolderError, ParameterError, missing_model_folder
+from .names import is_model_folder_name
 from .parameters import check_names, check_parameters, parameters_cell_values
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,10 +127,23 @@ def resolve_parameters(notebook: Path, params: str) -> tuple[dict, str]:
     if given and not defaults:
         raise ParameterError(f"{notebook.name} has no parameters cell, so it takes no parameters")
     check_names(given, defaults, notebook.name)
+    given = {name: _model_folder_from_here(value) if name.endswith("model_name") else value
+             for name, value in given.items()}
     if param_set != "default":
         given.setdefault("param_set", param_set)
     check_parameters(notebook.name[:2], {**defaults, **given})
     return given, param_set
+
+
+def _model_folder_from_here(value):
+    """A model given as a local folder, found from where the runner was called (not from the notebook's
+    folder, where the kernel runs) and checked before any kernel starts; other names pass unchanged."""
+    if not (isinstance(value, str) and is_model_folder_name(value)):
+        return value
+    folder = Path(value).expanduser().absolute()
+    if not folder.exists():
+        raise missing_model_folder(value, folder)
+    return str(folder)
 
 
 def execute(notebook: Path, output: Path, parameters: dict | None = None) -> Path:
@@ -279,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     for notebook in notebooks:  # every chapter's parameters are checked before the first kernel starts
         try:
             runs.append((notebook, *resolve_parameters(notebook, params), out))
-        except ParameterError as error:
-            print(f"error in {notebook}: ParameterError: {error}", file=sys.stderr)
+        except (ParameterError, ModelFolderError) as error:
+            print(f"error in {notebook}: {type(error).__name__}: {error}", file=sys.stderr)
             return 1
     try:
         if args.jobs == 1:

@@ -19,6 +19,14 @@ class ModelFolderError(UnknownModelError):
     """A model name that is a path names a missing folder, or a folder that holds no loadable model."""
 
 
+def missing_model_folder(name: str, folder) -> ModelFolderError:
+    """The one line for a model folder that does not exist (all chapters; ``folder`` is where it was looked for)."""
+    from .names import KNOWN_MODELS
+
+    return ModelFolderError(f"model folder {name!r} does not exist ({folder}): check the path, "
+                            f"or use one of {', '.join(KNOWN_MODELS)}")
+
+
 class HubUnreachableError(FastmemError):
     """A hub model is not cached locally and the model hub cannot be reached."""
 

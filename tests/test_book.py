@@ -11,6 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from fastmem import book
 from fastmem.book import (ROOT, chapter_notebooks, glued_values, notebook_parameters, parameter_file, parameter_sets,
                           read_parameters, resolve_parameters)
 from fastmem.errors import ParameterError
@@ -161,6 +162,7 @@ def test_an_unknown_parameter_set_ends_at_once_listing_the_sets(tmp_path, params
     ({"n_words": "'12'"}, "parameter n_words = '12' is not allowed: an integer >= 1"),
     ({"alphas": "[]"}, "parameter alphas = [] is not allowed: a non-empty list, each a finite number"),
     ({"model_name": "no-such-model"}, "parameter model_name = 'no-such-model' is not allowed: one of smollm2-135m"),
+    ({"model_name": "./does/not/exist"}, "ModelFolderError: model folder './does/not/exist' does not exist"),
 ])
 def test_bad_parameters_end_before_any_kernel_with_one_line(tmp_path, params, expected):
     params_file = tmp_path / "bad.yaml"
@@ -254,3 +256,19 @@ def test_an_executed_chapter_records_where_and_with_what_it_ran(tmp_path):
     record = nbformat.read(str(out), as_version=4).metadata["fastmem"]
     assert record["param_set"] == "mine" and record["python"].startswith("3.")
     assert {"torch", "transformers", "fastmem"} <= record["packages"].keys()
+
+
+def test_a_relative_model_folder_is_found_from_where_the_runner_was_called(tmp_path, monkeypatch):
+    # The kernel runs in the notebook's folder, so the runner passes the folder on as an absolute path.
+    (tmp_path / "my-model").mkdir()
+    (tmp_path / "set.yaml").write_text("model_name: ./my-model\n")
+    monkeypatch.chdir(tmp_path)
+    given, _ = book.resolve_parameters(ROOT / "notebooks" / CHAPTER_1, str(tmp_path / "set.yaml"))
+    assert given["model_name"] == str(tmp_path / "my-model")
+
+
+def test_the_runner_checks_parameters_without_importing_torch():
+    # Checking a parameter set must not wait for torch: bad input ends in a fraction of a second.
+    code = "import sys, fastmem.book; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.stdout.strip() == "False", result.stderr

@@ -33,10 +33,11 @@ from torch import nn
 
 from ..errors import ParameterError
 from ..models import ModelInfo, model_info
+from ..names import LATENT_METHODS
 from ..persistence import StoredMemory, load_memory, save_memory
 from .devices import resolve_device
 
-METHODS = ("m1", "m2", "m3", "m4", "m5", "m6")
+METHODS = LATENT_METHODS
 METHOD_NAMES = {
     "m1": "M.1 prefix",
     "m2": "M.2 parallel cross-attention",
