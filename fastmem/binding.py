@@ -16,6 +16,7 @@ the word is then retrieved among the entries of the inferred context only.
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,14 +27,15 @@ from tqdm.auto import tqdm
 
 from . import tasks
 from . import value as fv
+from .benchmark import timing_ratio
 from .errors import ParameterError
 from .evaluation import first_word
 from .models import ModelInfo, model_info, transformer_blocks
+from .names import VALUE_KINDS
 from .persistence import load_memory, save_memory
 
 MEMORY_KIND = "binding"
 MODES = ("both_top1", "context_gate", "raw_both_top1", "average", "gated", "grace")
-VALUE_KINDS = ("iterated", "single_step")
 
 
 @dataclass
@@ -237,13 +239,16 @@ def retrieve(queries: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor | 
     return index, best
 
 
-def memory_values(model: nn.Module, answer: fv.AnswerStates, targets: torch.Tensor, kind: str,
+def memory_values(model: nn.Module, head_input: torch.Tensor, targets: torch.Tensor, kind: str,
                   step: float, n_steps: int) -> torch.Tensor:
-    """The stored value: chapter 1's iterated value, or the seed's single step (chapter 2)."""
+    """The stored value from the write statement's head input at its answer position (chapter 2).
+
+    Chapter 1's iterated value, or the seed's single step.
+    """
     if kind == "iterated":
-        return fv.iterated_value(model, answer.head_input, targets, step, n_steps)
+        return fv.iterated_value(model, head_input, targets, step, n_steps)
     if kind == "single_step":
-        return fv.memory_value(model, answer.head_input, targets)
+        return fv.memory_value(model, head_input, targets)
     raise ParameterError(f"unknown value kind {kind!r}: use one of {VALUE_KINDS}")
 
 
@@ -258,10 +263,101 @@ def write_memory(model: nn.Module, tokenizer, write: PromptStates, bindings: lis
     With ``projector`` the retrieval keys are projected here, once.
     """
     targets = torch.tensor(tasks.label_token_ids(tokenizer, [b.label for b in bindings]))
-    values = memory_values(model, write.answer, targets, value_kind, step, n_steps)
+    values = memory_values(model, write.answer.head_input, targets, value_kind, step, n_steps)
     memory = BindingMemory(write.keys["symbol"][layer], write.keys["context"][layer], values, list(bindings),
                            layer, value_kind, model_info(model))
     return memory if projector is None else memory.project(projector)
+
+
+@torch.no_grad()
+def write_pool(model: nn.Module, tokenizer, bindings: list[tasks.Binding],
+               templates: list[tasks.Templates], layer: int, value_kind: str = "iterated",
+               step: float = 4.0, n_steps: int = 5, batch_size: int = 256) -> "Pool":
+    """Write many bindings at a fraction of :func:`encode_bindings`' cost (chapter 2: capacity).
+
+    The same keys, context states and (once computed, :meth:`Pool.compute_values`) values as
+    :func:`write_memory` on :func:`encode_bindings`' write states, to float tolerance (a unit
+    test checks it), from fewer token passes: statements that share a template
+    and a context share the text before the word (at least up to the end of the context), which
+    runs once and whose cache every statement of the group continues from; the rest is batched by length, so that no
+    padding is computed. A value costs a few passes through the output head over the whole
+    vocabulary, so it is computed when its entry is first retrieved. Decoder-only models; the
+    word must follow the context in the statement.
+    """
+    if model.config.is_encoder_decoder:
+        raise ParameterError("write_pool serves decoder-only models; use encode_bindings and write_memory")
+    groups: dict[tuple, list[int]] = {}
+    word_offsets, context_ends = [], {}
+    for i, (binding, template) in enumerate(zip(bindings, templates)):
+        prompt = tasks.write_prompt(binding, template)
+        full = tokenizer.encode(prompt)
+        through_context = tokenizer.encode(key_prefix(prompt, binding.context))
+        through_word = tokenizer.encode(key_prefix(prompt, binding.word))
+        before_word = tokenizer.encode(prompt[:prompt.index(binding.word, len(key_prefix(prompt, binding.context)))]
+                                       .rstrip()) if binding.word in prompt else []
+        if full[:len(through_context)] != through_context or full[:len(through_word)] != through_word:
+            raise ParameterError(f"key prefixes of {prompt!r} do not tokenise as its prefixes")
+        # Share all the text before the word where it tokenises as a prefix, else up to the context.
+        shared = before_word if before_word and full[:len(before_word)] == before_word else through_context
+        if len(through_word) <= len(shared) or len(shared) < len(through_context):
+            raise ParameterError(f"write_pool needs the word after the context: {prompt!r}")
+        word_offsets.append(len(through_word) - len(shared) - 1)
+        context_ends[tuple(shared)] = len(through_context) - 1
+        groups.setdefault((tuple(shared), len(full)), []).append(i)
+    width = model.config.hidden_size
+    symbol, context, head_input = (torch.zeros(len(bindings), width) for _ in range(3))
+    for (shared, length), members in groups.items():
+        prefix_ids = torch.tensor([shared])
+        prefix = model(input_ids=prefix_ids, use_cache=True, output_hidden_states=True)
+        context[members] = prefix.hidden_states[layer + 1][0, context_ends[shared]]
+        for start in range(0, len(members), batch_size):
+            rows = members[start:start + batch_size]
+            suffix = torch.tensor([tokenizer.encode(tasks.write_prompt(bindings[i], templates[i]))[len(shared):]
+                                   for i in rows])
+            cache = copy.deepcopy(prefix.past_key_values)
+            cache.batch_repeat_interleave(len(rows))
+            batch = {"input_ids": suffix, "attention_mask": torch.ones(len(rows), length, dtype=torch.long),
+                     "position_ids": torch.arange(len(shared), length).expand(len(rows), -1)}
+            out, answer = fv.forward_with_answer_states(model, batch, past_key_values=cache, use_cache=True,
+                                                        output_hidden_states=True)
+            offsets = torch.tensor([word_offsets[i] for i in rows])
+            symbol[rows] = out.hidden_states[layer + 1][torch.arange(len(rows)), offsets]
+            head_input[rows] = answer.head_input
+    targets = torch.tensor(tasks.label_token_ids(tokenizer, [b.label for b in bindings]))
+    memory = BindingMemory(symbol, context, torch.zeros(len(bindings), width), list(bindings), layer, value_kind,
+                           model_info(model))
+    return Pool(memory, head_input, targets, torch.zeros(len(bindings), dtype=torch.bool), step, n_steps)
+
+
+@dataclass
+class Pool:
+    """Bindings written by :func:`write_pool`, whose values are computed on first retrieval (chapter 2).
+
+    ``memory.values`` holds the values of the rows marked in ``computed`` and zeros elsewhere;
+    :meth:`compute_values` fills rows in from the write statements' head inputs, exactly as
+    :func:`write_memory` would have computed them.
+    """
+
+    memory: BindingMemory
+    head_input: torch.Tensor
+    targets: torch.Tensor
+    computed: torch.Tensor
+    step: float
+    n_steps: int
+
+    def __len__(self) -> int:
+        return len(self.memory)
+
+    @torch.no_grad()
+    def compute_values(self, model: nn.Module, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Compute the values of ``rows`` (default: all) not computed yet; returns those rows' values (chapter 2)."""
+        rows = torch.arange(len(self)) if rows is None else torch.as_tensor(rows, dtype=torch.long).unique()
+        missing = rows[~self.computed[rows]]
+        if len(missing):
+            self.memory.values[missing] = memory_values(model, self.head_input[missing], self.targets[missing],
+                                                        self.memory.value_kind, self.step, self.n_steps)
+            self.computed[missing] = True
+        return self.memory.values[rows]
 
 
 @dataclass
@@ -451,6 +547,42 @@ def select_values(memory: BindingMemory, mode: str, query: PromptStates, layer: 
     return values, index.masked_fill(miss, -1)
 
 
+CAPACITY_MODES = ("both_top1", "gated", "raw_both_top1")
+
+
+def capacity_records(model: nn.Module, tokenizer, probe: list[tasks.Binding], probe_read: PromptStates,
+                     probe_memory: BindingMemory, pool: Pool, projector: KeyProjector, gate: ContextGate,
+                     layer: int, sizes: list[int], alpha: float = 1.0, max_new_tokens: int = 3, seed: int = 0,
+                     modes: tuple[str, ...] = CAPACITY_MODES) -> list[dict]:
+    """Read and retrieval of the probed bindings as the memory grows (chapter 2: capacity).
+
+    The memory of N entries is the probed bindings (written first) followed by the pool, projected
+    once with this seed's projector. At each size, the probed bindings stored so far are read in
+    each mode; a pool entry's value is computed the first time a read retrieves it
+    (:meth:`Pool.compute_values`), which gives the same generations as computing every value when
+    writing. One record per (size, mode, probed binding), with ``unit`` "seed:i".
+    """
+    full_memory = probe_memory.followed_by(pool.memory).project(projector)
+    offset, records = len(probe_memory), []
+    for size in sizes:
+        n_probe = min(size, len(probe))
+        query = probe_read.subset(n_probe)
+        for mode in modes:
+            _, index = select_values(full_memory.head(size), mode, query, layer, projector, gate=gate)
+            from_pool = (index[index >= offset] - offset).unique()
+            if len(from_pool):
+                full_memory.values[offset + from_pool] = pool.compute_values(model, from_pool)
+            values, index = select_values(full_memory.head(size), mode, query, layer, projector, gate=gate)
+            padded = torch.zeros(len(probe_read.keys["symbol"][layer]), values.shape[1])
+            padded[:n_probe] = values
+            texts = generate(model, tokenizer, probe_read, alpha * padded, max_new_tokens)[:n_probe]
+            hits = exact_match(texts, [b.label for b in probe[:n_probe]])
+            retrieved = (index == torch.arange(n_probe)).float()
+            records += [{"seed": seed, "unit": f"{seed}:{i}", "entries": size, "mode": mode, "read": h,
+                         "retrieval": r} for i, (h, r) in enumerate(zip(hits.tolist(), retrieved.tolist()))]
+    return records
+
+
 def encode_bindings(model: nn.Module, tokenizer, bindings: list[tasks.Binding], layers: list[int],
                     templates: tasks.Templates | list[tasks.Templates] = tasks.Templates(),
                     kinds=("write", "read", "plain"), keep_cache: bool = True) -> dict[str, PromptStates]:
@@ -596,6 +728,80 @@ def score_columns(model: nn.Module, tokenizer, memory: BindingMemory, mode: str,
     return {column: scores[column] for column in COLUMNS}
 
 
+def score_records(seed: int, experiment: str, row: str, scores: dict[str, torch.Tensor],
+                  bindings: list[tasks.Binding], unrelated_prompts: list[str]) -> list[dict]:
+    """One record per scored prompt of one memory row, for the cluster bootstrap (chapter 2).
+
+    A binding's prompts are units of their seed ("seed:word:context"); an unrelated question is
+    one unit whatever the seed ("q:question"), so that the same question asked under several
+    seeds is resampled as one.
+    """
+    records = []
+    for column, values in scores.items():
+        units = ([f"q:{p}" for p in unrelated_prompts] if column.startswith("unrelated")
+                 else [f"{seed}:{b.word}:{b.context}" for b in bindings])
+        records += [{"seed": seed, "experiment": experiment, "row": row, "column": column, "unit": unit,
+                     "score": value} for unit, value in zip(units, values.tolist())]
+    return records
+
+
+def paired_cosine(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Cosine of row i of ``queries`` with row i of ``keys`` (chapter 2: does a read reach its entry)."""
+    return (nn.functional.normalize(queries, dim=-1) * nn.functional.normalize(keys, dim=-1)).sum(dim=-1)
+
+
+@dataclass
+class SeedFit:
+    """What one seed fits on its training and calibration words, never on evaluation words (chapter 2)."""
+
+    projector: KeyProjector
+    gate: ContextGate
+    threshold: float
+    grace_threshold: float
+
+
+def fit_seed(model: nn.Module, tokenizer, train: tuple[list[tasks.Binding], list[tasks.Templates]],
+             calibration: tuple[list[tasks.Binding], list[tasks.Templates]], unrelated_fit: PromptStates,
+             layer: int, key_dim: int = 128, projector_steps: int = 300, value_kind: str = "iterated",
+             step: float = 4.0, n_steps: int = 5, seed: int = 0) -> SeedFit:
+    """Train the key projector on training words, then fit every threshold on calibration words (chapter 2).
+
+    ``train`` and ``calibration`` are (bindings, templates); ``unrelated_fit`` holds the
+    calibration unrelated questions. The gate's centre is the mean token state of the training
+    prompts; the gate, the learned-key threshold and GRACE's initial radius all use
+    :func:`separating_threshold` on calibration read, plain and unrelated questions.
+    """
+    train_states = encode_bindings(model, tokenizer, train[0], [layer], train[1], ("write", "read"), keep_cache=False)
+    projector = train_projector(train_states["read"].keys["symbol"][layer], train_states["write"].keys["symbol"][layer],
+                                key_dim, projector_steps, seed=seed)
+    states = encode_bindings(model, tokenizer, calibration[0], [layer], calibration[1], keep_cache=False)
+    memory = write_memory(model, tokenizer, states["write"], calibration[0], layer, value_kind, step, n_steps,
+                          projector)
+    centre = token_centre([train_states["write"], train_states["read"]], layer)
+    gate = fit_gate(memory, states["read"], states["plain"], unrelated_fit, layer, projector, centre)
+    threshold = calibrate_threshold(projector, memory, states["read"], states["plain"], unrelated_fit, layer)
+    grace_threshold = fit_grace_threshold(memory, states["read"], states["plain"], unrelated_fit, layer,
+                                          calibration[0])
+    return SeedFit(projector, gate, threshold, grace_threshold)
+
+
+def in_context_scores(model: nn.Module, tokenizer, bindings: list[tasks.Binding], templates: list[tasks.Templates],
+                      examples: list[tasks.Binding], choices: list[str], max_new_tokens: int = 3
+                      ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """The in-context baseline's Read and forced-choice Read (chapter 2), with its prompts and continuations.
+
+    Each prompt holds ``examples`` as worked examples, then both statements about the word, then
+    its read question (:func:`in_context_prompts`).
+    """
+    prompts = in_context_prompts(bindings, bindings, templates, examples)
+    states = prompt_states(model, tokenizer, prompts, {}, [], keep_cache=True)
+    texts = generate(model, tokenizer, states, None, max_new_tokens)
+    truth = [b.label for b in bindings]
+    scores = {"read": exact_match(texts, truth),
+              "read_forced": forced_choice(model, tokenizer, states.answer.head_input, truth, choices)}
+    return scores, prompts, texts
+
+
 def in_context_prompts(bindings: list[tasks.Binding], all_bindings: list[tasks.Binding],
                        templates: tasks.Templates | list[tasks.Templates] = tasks.Templates(),
                        examples: list[tasks.Binding] = ()) -> list[str]:
@@ -679,18 +885,70 @@ def attached(model: nn.Module, memory: BindingMemory, projector: KeyProjector | 
             handle.remove()
 
 
+def busy_pause(seconds: float) -> None:
+    """Keep the thread busy for ``seconds`` (chapter 2: the cost's positive control).
+
+    Unlike ``time.sleep``, which wakes up late by a scheduler tick and so pauses for more than
+    asked, a busy wait costs what it says, like the compute it stands for.
+    """
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        pass
+
+
 @contextlib.contextmanager
 def slowed(model: nn.Module, seconds: float):
     """Add a pause of ``seconds`` to every forward pass of ``model`` (chapter 2: the cost's positive control).
 
     A known slowdown that the overhead measurement must detect, so that a ratio near 1 means
-    "no measurable overhead" rather than "a measurement too noisy to see one".
+    "no measurable overhead" rather than "a measurement too noisy to see one". The pause is
+    :func:`busy_pause`, which keeps the thread working as a real slowdown would.
     """
-    handle = model.register_forward_pre_hook(lambda module, args: time.sleep(seconds))
+    handle = model.register_forward_pre_hook(lambda module, args: busy_pause(seconds))
     try:
         yield
     finally:
         handle.remove()
+
+
+@torch.no_grad()
+def measure_overhead(model: nn.Module, batch: dict, memories: dict, projector: KeyProjector | None, layer: int,
+                     key_position: int, alpha: float = 1.0, new_tokens: int = 32, repeats: int = 15,
+                     control_slowdown: float = 0.05, n_boot: int = 2000) -> dict:
+    """Time per generated token with each memory served, against the plain model (chapter 2: cost).
+
+    Every repetition times the plain model, a positive control (the plain model slowed by
+    ``control_slowdown`` of its own step time, :func:`slowed`) and each memory back to back, in
+    an order that rotates from one repetition to the next, so that all see the same machine load.
+    The pause is calibrated on the median of three plain runs after a warm-up. Each variant's
+    ratio to the plain model is :func:`fastmem.benchmark.timing_ratio` (median of the
+    per-repetition ratios, bootstrap over repetitions), returned as ratios: ``{name: (ratio, low,
+    high)}`` with the keys "control" and each key of ``memories``, plus "plain_s" and "seconds"
+    (median seconds per token per variant).
+    """
+    def per_token(context) -> float:
+        with context:
+            start = time.perf_counter()
+            model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            return (time.perf_counter() - start) / new_tokens
+
+    plain = contextlib.nullcontext
+    per_token(plain())
+    pause = control_slowdown * sorted(per_token(plain()) for _ in range(3))[1]
+    variants = {"plain": plain, "control": lambda: slowed(model, pause),
+                **{n: (lambda m=m: attached(model, m, projector, layer, key_position, alpha))
+                   for n, m in memories.items()}}
+    names = list(variants)
+    times = {name: [] for name in names}
+    for repeat in range(repeats):
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            times[name].append(per_token(variants[name]()))
+    result = {"plain_s": float(torch.tensor(times["plain"]).median()),
+              "seconds": {name: sorted(t)[len(t) // 2] for name, t in times.items()}}
+    for name in names[1:]:
+        summary = timing_ratio(times["plain"], times[name], n_boot)
+        result[name] = tuple(1 + summary[key] / 100 for key in ("overhead_pct", "low", "high"))
+    return result
 
 
 def retrieval_flops(entries: int, width: int, key_dim: int) -> int:

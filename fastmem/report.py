@@ -49,3 +49,18 @@ def html_table(frame, uuid: str, caption: str | None = None, precision: int = 3,
         styler = styler.set_caption(caption)
     styler = styler.set_table_styles([{"selector": "th, td", "props": "white-space: normal; font-size: 0.85em;"}])
     return styler if index else styler.hide(axis="index")
+
+
+def estimate_table(estimates: dict, rows: list, columns: dict, digits: int = 3, missing: str = "-"):
+    """A DataFrame of "estimate [low, high]" cells (chapter 2's result tables).
+
+    ``estimates`` maps ``(*key, column)`` to (estimate, low, high); ``rows`` lists (label, key)
+    pairs, one table row each; ``columns`` maps a column to its title. A missing estimate reads
+    ``missing``.
+    """
+    import pandas as pd
+
+    return pd.DataFrame([{"row": label, **{title: estimate_text(*estimates[(*key, column)], digits)
+                                            if (*key, column) in estimates else missing
+                                            for column, title in columns.items()}}
+                         for label, key in rows])

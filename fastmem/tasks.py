@@ -189,6 +189,13 @@ def templates_for(bindings: list[Binding], family: list["Templates"]) -> list["T
     return [family[order[b.word] % len(family)] for b in bindings]
 
 
+def family_bindings(words, context_pairs, family: list["Templates"], labels, seed: int
+                    ) -> tuple[list[Binding], list["Templates"]]:
+    """Bindings of :func:`make_family_bindings` and one template of ``family`` each (chapter 2)."""
+    bindings = make_family_bindings(words, context_pairs, labels, seed)
+    return bindings, templates_for(bindings, family)
+
+
 def write_prompt(binding: Binding, templates: Templates = Templates()) -> str:
     """The write statement up to (not including) the label: the answer position is its end (chapter 1)."""
     marker = "\x00"

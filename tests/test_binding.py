@@ -379,8 +379,11 @@ def test_overhead_measurement_sees_a_known_slowdown(tiny_neox, monkeypatch):
         start = time.perf_counter()
         generate()
         assert time.perf_counter() - start >= 3 * 0.02  # three forward passes, each paused
+    start = time.perf_counter()
+    fb.busy_pause(0.01)
+    assert 0.01 <= time.perf_counter() - start < 0.05  # the pause lasts what it says
     pauses = []
-    monkeypatch.setattr(fb.time, "sleep", pauses.append)
+    monkeypatch.setattr(fb, "busy_pause", pauses.append)
     generate()
     assert pauses == []  # the pause is gone once the block ends
     with fb.slowed(model, 0.5):
@@ -388,3 +391,90 @@ def test_overhead_measurement_sees_a_known_slowdown(tiny_neox, monkeypatch):
     assert pauses == [0.5] * 3
     assert fb.retrieval_flops(10, 4, 2) == 2 * (4 * 2 + 10 * 2)
     assert fb.forward_flops_per_token(model) >= 2 * model.get_output_embeddings().weight.numel()
+
+
+@pytest.fixture(scope="module")
+def pool(smollm2):
+    """Pool bindings in two templates and two contexts, written by write_pool and one statement at a time."""
+    model, tokenizer, _ = smollm2
+    labels = tasks.single_token_labels(tokenizer)
+    bindings = tasks.make_family_bindings(tasks.nonce_words(4, 11), tasks.CONTEXT_PAIRS[:2], labels, 11)
+    templates = tasks.templates_for(bindings, tasks.template_family([0, 1]))
+    alone = fb.encode_bindings(model, tokenizer, bindings, [LAYER], templates, ("write",), keep_cache=False)
+    reference = fb.write_memory(model, tokenizer, alone["write"], bindings, LAYER)
+    return fb.write_pool(model, tokenizer, bindings, templates, LAYER), reference
+
+
+def test_pool_written_in_shared_passes_matches_writing_each_statement(smollm2, pool):
+    """Capacity's cheap pool: shared prefixes and length batches give the same keys and values."""
+    model, _, _ = smollm2
+    written, reference = pool
+    assert written.memory.bindings == reference.bindings
+    for name in ("symbol_states", "context_states"):
+        assert torch.allclose(getattr(written.memory, name), getattr(reference, name), atol=2e-3, rtol=1e-4), name
+    assert not written.computed.any()  # no value is computed before it is needed
+    values = written.compute_values(model)
+    assert torch.allclose(values, reference.values, atol=5e-3, rtol=1e-3)
+
+
+def test_pool_values_are_computed_once_on_first_retrieval(smollm2, pool, monkeypatch):
+    model, _, _ = smollm2
+    written = fb.Pool(fb.BindingMemory(*(t.clone() for t in (pool[0].memory.symbol_states,
+                                                              pool[0].memory.context_states,
+                                                              torch.zeros_like(pool[0].memory.values))),
+                                       pool[0].memory.bindings, LAYER, "iterated"),
+                      pool[0].head_input, pool[0].targets, torch.zeros(len(pool[0]), dtype=torch.bool), 4.0, 5)
+    calls = []
+    compute = fb.memory_values
+    monkeypatch.setattr(fb, "memory_values", lambda *args: calls.append(len(args[1])) or compute(*args))
+    first = written.compute_values(model, torch.tensor([3, 1, 3]))
+    again = written.compute_values(model, torch.tensor([1, 3]))
+    assert calls == [2] and torch.equal(first, again)
+    assert written.computed.tolist() == [i in (1, 3) for i in range(len(written))]
+    assert torch.equal(written.memory.values[0], torch.zeros_like(written.memory.values[0]))
+
+
+def test_capacity_with_values_on_first_retrieval_matches_every_value_written(smollm2, written, gated, pool):
+    model, tokenizer, _ = smollm2
+    bindings, states, memory, _ = written
+    projector, _, gate, _ = gated
+    deferred = fb.Pool(fb.BindingMemory(pool[0].memory.symbol_states, pool[0].memory.context_states,
+                                        torch.zeros_like(pool[0].memory.values), pool[0].memory.bindings,
+                                        LAYER, "iterated"),
+                       pool[0].head_input, pool[0].targets, torch.zeros(len(pool[0]), dtype=torch.bool), 4.0, 5)
+    complete = fb.Pool(fb.BindingMemory(pool[0].memory.symbol_states, pool[0].memory.context_states,
+                                        pool[1].values, pool[0].memory.bindings, LAYER, "iterated"),
+                       pool[0].head_input, pool[0].targets, torch.ones(len(pool[0]), dtype=torch.bool), 4.0, 5)
+    sizes = [2, len(bindings), len(bindings) + len(pool[0])]
+    runs = [fb.capacity_records(model, tokenizer, bindings, states["read"], memory, p, projector, gate, LAYER,
+                                sizes, max_new_tokens=2) for p in (deferred, complete)]
+    assert [r["read"] for r in runs[0]] == [r["read"] for r in runs[1]]
+    assert [r["retrieval"] for r in runs[0]] == [r["retrieval"] for r in runs[1]]
+    assert len(runs[0]) == len(fb.CAPACITY_MODES) * (2 + 2 * len(bindings))
+
+
+def test_overhead_ratios_come_from_interleaved_repetitions_and_see_a_doubling(tiny_neox):
+    """Chapter 2's timing uses chapter 3's timing_ratio; a control that doubles each pass reads about 2."""
+    model, tokenizer, _ = tiny_neox
+    batch = {k: v for k, v in fv.encode_prompts(model, tokenizer, ["a b c"]).items() if k != "position_ids"}
+    width = model.config.hidden_size
+    memories = {10: fb.synthetic_memory(10, width, 4, 0)}
+    projector = fb.KeyProjector(width, 4, 0)
+    timing = fb.measure_overhead(model, batch, memories, projector, 1, 2, new_tokens=4, repeats=5,
+                                 control_slowdown=1.0, n_boot=200)
+    assert set(timing) == {"plain_s", "seconds", "control", 10}
+    ratio, low, high = timing["control"]
+    assert low <= ratio <= high and ratio > 1.5
+    assert timing[10][0] > 0 and set(timing["seconds"]) == {"plain", "control", 10}
+
+
+def test_score_records_count_an_unrelated_question_once_across_seeds():
+    """The cluster bootstrap's units: a binding's prompts belong to its seed, an unrelated question to no seed."""
+    bindings = [tasks.Binding("zorp", "Mars", "red")]
+    scores = {"read": torch.tensor([1.0]), "unrelated_any": torch.tensor([0.0, 1.0])}
+    records = [r for seed in (0, 1) for r in fb.score_records(seed, "seen", "gated", scores, bindings, ["q1", "q2"])]
+    read_units = {r["unit"] for r in records if r["column"] == "read"}
+    unrelated_units = {r["unit"] for r in records if r["column"] == "unrelated_any"}
+    assert read_units == {"0:zorp:Mars", "1:zorp:Mars"} and unrelated_units == {"q:q1", "q:q2"}
+    assert [r["score"] for r in records if r["column"] == "unrelated_any"] == [0.0, 1.0, 0.0, 1.0]
+    assert fb.paired_cosine(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[2.0, 0.0], [1.0, 0.0]])).tolist() == [1.0, 0.0]

@@ -28,3 +28,11 @@ def test_html_table_is_deterministic_wraps_and_hides_a_meaningless_index():
     assert 'id="T_tfixed"' in html and "0.123" in html and "white-space: normal" in html
     assert "Table: x" in html and "row_heading" not in html
     assert "row_heading" in report.html_table(frame, "tfixed", index=True).to_html()
+
+
+def test_estimate_table_writes_one_cell_per_estimate_and_marks_missing_ones():
+    estimates = {("seen", "gated", "read"): (0.5, 0.4, 0.6)}
+    table = report.estimate_table(estimates, [("gated", ("seen", "gated")), ("none", ("seen", "none"))],
+                                  {"read": "Read"})
+    assert table.to_dict("records") == [{"row": "gated", "Read": "0.500 [0.400, 0.600]"},
+                                        {"row": "none", "Read": "-"}]
