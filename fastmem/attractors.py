@@ -42,13 +42,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import stats
 from .errors import ParameterError
 from .models import model_info, transformer_blocks
+from .names import ATTRACTOR_INITS, ATTRACTOR_SITES
 from .persistence import StoredMemory, load_memory, save_memory
+from .report import interval_text
 
 MEMORY_KIND = "attractor_layer"
-ATTRACTOR_SITES = ("attn", "residual")
-INITS = ("tokens", "random")
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class AttractorConfig:
         check = _checker(type(self).__name__)
         check(isinstance(self.n_attractors, int) and self.n_attractors >= 1, "n_attractors must be an integer >= 1")
         check(isinstance(self.layer, int), "layer must be an integer (negative counts from the end)")
-        check(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
+        check(self.init in ATTRACTOR_INITS, f"init must be one of {ATTRACTOR_INITS}, got {self.init!r}")
         check(self.site in ATTRACTOR_SITES, f"site must be one of {ATTRACTOR_SITES}, got {self.site!r}")
         for name in ("feedback_strength", "gain", "pull", "decay", "s_max", "burn_in_strength"):
             value = getattr(self, name)
@@ -373,6 +374,25 @@ def stream_effect(model, config: AttractorConfig, windows: list[torch.Tensor], *
             cosines.append(torch.cosine_similarity(remembered, new.feedback[0], 0).item())
         result["fresh_cosine"] = np.array(cosines)
     return result
+
+
+def effect_summary(effect: dict, n_boot: int = 2000, seed: int = 0) -> dict:
+    """One row of chapter 3's failure-mode tables from a :func:`stream_effect` result (section 3.6).
+
+    ``several active``: share of passes with more than one active attractor; ``KL`` and ``answer
+    changes``: means over windows with percentile bootstrap intervals over windows
+    (:func:`fastmem.stats.bootstrap_ci`); ``loss change %``: change of the mean next-token loss.
+    """
+    kl = stats.bootstrap_ci(effect["kl"], n_boot=n_boot, seed=seed)
+    answers = stats.bootstrap_ci(effect["answer_changes"], n_boot=n_boot, seed=seed)
+    return {
+        "several active": float(effect["several_active"].mean()),
+        "KL": kl[0],
+        "KL 95% CI": interval_text(kl[1], kl[2], 1, scientific=True),
+        "answer changes": answers[0],
+        "changes 95% CI": interval_text(answers[1], answers[2]),
+        "loss change %": float(100 * (effect["nll"].mean() / effect["plain_nll"].mean() - 1)),
+    }
 
 
 @torch.no_grad()

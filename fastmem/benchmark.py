@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import stats
@@ -38,6 +39,7 @@ from .errors import ParameterError
 from .evaluation import distinct_n, normalise_answer, repeated_ngram_rate, token_f1
 from .generation import chat, generate, left_padded
 from .models import transformer_blocks
+from .report import estimate_text, number_text
 
 
 # ---------------------------------------------------------------------------- memory protocol
@@ -90,6 +92,31 @@ def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, 
     return spans
 
 
+def _window_batches(spans, batch_size: int) -> list[list[int]]:
+    """Indices of ``spans`` in text order, ``batch_size`` at a time, each batch of one window length."""
+    batches, current = [], []
+    for i, span in enumerate(spans):
+        if current and (len(current) == batch_size or span[1] - span[0] != spans[current[0]][1] - spans[current[0]][0]):
+            batches.append(current)
+            current = []
+        current.append(i)
+    batches.append(current)
+    return batches
+
+
+def _score_windows(logits, inputs, batch, spans, nll, counts) -> None:
+    """Write the summed loss and the count of the scored tokens of each window of ``batch``."""
+    log_p = torch.log_softmax(logits.float()[:, :-1], dim=-1).gather(-1, inputs[:, 1:, None]).squeeze(-1)
+    for row, i in enumerate(batch):
+        scored = spans[i][2]
+        nll[i] = -log_p[row, -scored:].sum().item()
+        counts[i] = scored
+
+
+def _perplexity_result(nll: np.ndarray, counts: np.ndarray) -> dict:
+    return {"ppl": math.exp(nll.sum() / counts.sum()), "nll": nll, "tokens": counts}
+
+
 @torch.no_grad()
 def perplexity(model, token_ids, window: int = 512, stride: int = 256, batch_size: int = 1,
                memory=None, progress: bool = True, desc: str = "perplexity") -> dict:
@@ -104,23 +131,70 @@ def perplexity(model, token_ids, window: int = 512, stride: int = 256, batch_siz
     spans = sliding_windows(len(ids), window, stride)
     nll, counts = np.zeros(len(spans)), np.zeros(len(spans), dtype=int)
     reset_memory(memory)
-    batches, current = [], []
-    for i, span in enumerate(spans):
-        if current and (len(current) == batch_size or span[1] - span[0] != spans[current[0]][1] - spans[current[0]][0]):
-            batches.append(current)
-            current = []
-        current.append(i)
-    batches.append(current)
     with memory_attached(memory):
-        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        for batch in tqdm(_window_batches(spans, batch_size), desc=desc, disable=not progress, leave=False):
             inputs = torch.stack([ids[spans[i][0]:spans[i][1]] for i in batch])
-            logits = model(inputs).logits.float()
-            log_p = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, inputs[:, 1:, None]).squeeze(-1)
-            for row, i in enumerate(batch):
-                scored = spans[i][2]
-                nll[i] = -log_p[row, -scored:].sum().item()
-                counts[i] = scored
-    return {"ppl": math.exp(nll.sum() / counts.sum()), "nll": nll, "tokens": counts}
+            _score_windows(model(inputs).logits, inputs, batch, spans, nll, counts)
+    return _perplexity_result(nll, counts)
+
+
+@contextlib.contextmanager
+def blocks_from(model, first_block: int):
+    """Within the block, the model runs only its blocks ``first_block, first_block + 1, ...``
+    (chapter 3): fed ``inputs_embeds`` = the hidden states entering ``first_block``, it returns
+    what the whole model returns. The blocks are the same modules, so hooks on them still fire."""
+    blocks = transformer_blocks(model)
+    parent, name = next((module, child_name) for module in model.modules()
+                        for child_name, child in module.named_children() if child is blocks)
+    setattr(parent, name, nn.ModuleList(list(blocks)[first_block:]))
+    try:
+        yield model
+    finally:
+        setattr(parent, name, blocks)
+
+
+class SharedPerplexity:
+    """Sliding-window perplexity of one text for the plain model and for memories hooked at or
+    above one block, sharing the blocks below it (chapter 3, section 3.3).
+
+    Below the memory's block every memory leaves the model unchanged, so the plain pass keeps the
+    hidden states entering block ``first_block`` (``hidden_states[first_block]``) and each memory
+    runs only the blocks from there up (:func:`blocks_from`): the same numbers as
+    :func:`perplexity` (a test checks them), at about half the cost per memory. Windows are read one
+    per forward pass, in text order; a memory is reset once, at the start, and carries its state
+    from window to window. ``plain`` is the plain model's :func:`perplexity` result.
+    """
+
+    @torch.no_grad()
+    def __init__(self, model, token_ids, window: int, stride: int, first_block: int):
+        self.model, self.first_block = model, first_block
+        self.ids = torch.as_tensor(token_ids).reshape(-1)
+        self.spans = sliding_windows(len(self.ids), window, stride)
+        nll, counts = np.zeros(len(self.spans)), np.zeros(len(self.spans), dtype=int)
+        self.states = []
+        for i, (begin, end, _) in enumerate(self.spans):
+            inputs = self.ids[begin:end][None]
+            out = model(inputs, output_hidden_states=True)
+            self.states.append(out.hidden_states[first_block])
+            _score_windows(out.logits, inputs, [i], self.spans, nll, counts)
+        self.plain = _perplexity_result(nll, counts)
+
+    @torch.no_grad()
+    def score(self, memory) -> dict:
+        """The :func:`perplexity` result with ``memory`` attached, from the kept states (chapter 3)."""
+        nll, counts = np.zeros(len(self.spans)), np.zeros(len(self.spans), dtype=int)
+        reset_memory(memory)
+        with memory_attached(memory), blocks_from(self.model, self.first_block):
+            for i, ((begin, end, _), states) in enumerate(zip(self.spans, self.states)):
+                logits = self.model(inputs_embeds=states).logits
+                _score_windows(logits, self.ids[begin:end][None], [i], self.spans, nll, counts)
+        return _perplexity_result(nll, counts)
+
+
+def perplexity_windows(result: dict, windows) -> dict:
+    """The :func:`perplexity` result restricted to some of its windows (chapter 3: early against late)."""
+    picks = np.asarray(windows)
+    return _perplexity_result(result["nll"][picks], result["tokens"][picks])
 
 
 def perplexity_change(plain: dict, other: dict, n_boot: int = 2000, seed: int = 0) -> dict:
@@ -478,6 +552,13 @@ def run_suite(model, tokenizer, suite: Suite, memory=None, baseline: dict | None
     return result
 
 
+def suite_cell(row) -> str:
+    """One cell of chapter 3's suite table from a :func:`summarise` row: the memory's value, then its
+    change against plain with the 95% interval ("0.512 (+1.20% [+0.40, +2.00])"; chapter 3)."""
+    unit = "%" if row["unit"] == "% change" else ""
+    return f"{number_text(row['memory'])} ({estimate_text(row['change'], row['low'], row['high'], signed=True, unit=unit)})"
+
+
 def summarise(result: dict, baseline: dict | None = None) -> "pandas.DataFrame":
     """One row per metric: plain, memory, change and its 95% interval (percent where noted; chapter 3)."""
     import pandas as pd
@@ -512,8 +593,9 @@ def summarise(result: dict, baseline: dict | None = None) -> "pandas.DataFrame":
     return pd.DataFrame(rows)
 
 
-__all__ = ["memory_attached", "reset_memory", "sliding_windows", "perplexity", "perplexity_change", "next_token_nll",
+__all__ = ["memory_attached", "reset_memory", "sliding_windows", "perplexity", "blocks_from", "SharedPerplexity",
+           "perplexity_windows", "perplexity_change", "next_token_nll",
            "timing_ratio", "overhead",
            "TopicScorer", "generate_with_memory", "probe_prompt", "long_generation_probe", "plain_essays",
            "recall_sequence", "teacher_forced_recall", "comprehension_prompt",
-           "comprehension", "Suite", "run_suite", "summarise"]
+           "comprehension", "Suite", "run_suite", "suite_cell", "summarise"]

@@ -16,11 +16,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .attractors import ATTRACTOR_SITES, INITS
-from .binding import VALUE_KINDS
 from .errors import ParameterError
-from .latent import METHODS
-from .models import KNOWN_MODELS
+from .names import ATTRACTOR_INITS, ATTRACTOR_SITES, KNOWN_MODELS, LATENT_METHODS, VALUE_KINDS
 
 
 @dataclass(frozen=True)
@@ -137,11 +134,12 @@ CHAPTER_RULES: dict[str, dict[str, Rule]] = {
         "param_set": text(), "model_name": model_name(), "seed": integer(0), "n_threads": count(),
         "layer": integer(0), "site": one_of(ATTRACTOR_SITES), "n_attractors": count(),
         "feedback_strength": number(0), "gain": number(0), "pull": rate(), "decay": rate(),
-        "activation_threshold": number(), "init": one_of(INITS), "gate_threshold": number(-1, 1),
+        "activation_threshold": number(), "init": one_of(ATTRACTOR_INITS), "gate_threshold": number(-1, 1),
         "burn_in_passes": integer(0), "burn_in_strength": number(0), "operating_grid": list_of(number(0)),
-        "dev_tokens": integer(2), "dev_window": integer(2), "ppl_tokens": integer(2), "ppl_window": integer(2), "ppl_stride": count(),
-        "ppl_batch_size": count(), "timing_tokens": count(), "overhead_repeats": count(),
-        "n_long_probes": count(), "long_seeds": list_of(integer(0), distinct=True), "long_tokens": count(),
+        "operating_band": number(above=0), "dev_tokens": integer(2), "ppl_tokens": integer(2),
+        "ppl_window": integer(2), "ppl_stride": count(), "timing_tokens": count(), "overhead_repeats": count(),
+        "n_long_probes": count(), "long_seeds": list_of(integer(0), distinct=True), "n_noise_probes": count(),
+        "long_tokens": count(),
         "recall_chunk": count(), "positive_control_strength": number(above=0), "n_repetition_probes": count(),
         "batch_size": count(), "n_comprehension": count(), "answer_tokens": count(), "sweep_windows": count(),
         "sweep_window_tokens": integer(2), "sweep_n_attractors": list_of(count()),
@@ -151,7 +149,7 @@ CHAPTER_RULES: dict[str, dict[str, Rule]] = {
     },
     "04": {
         "param_set": text(), "model_name": model_name(), "device": one_of(("auto", "cpu", "cuda")), "threads": count(),
-        "seeds": list_of(integer(0), distinct=True), "methods": list_of(one_of(METHODS), distinct=True),
+        "seeds": list_of(integer(0), distinct=True), "methods": list_of(one_of(LATENT_METHODS), distinct=True),
         "capacities": mapping_of(count()), "gammas": list_of(number(maximum=1, above=0), distinct=True),
         "primary_gamma": number(maximum=1, above=0), "inject_blocks": list_of(integer(0), distinct=True),
         "write_block": integer(0), "decoder_inject_block": integer(0), "slot_top_k": count(),
@@ -161,7 +159,7 @@ CHAPTER_RULES: dict[str, dict[str, Rule]] = {
         "weight_decay": number(0), "batch_size": count(), "max_steps": count(), "eval_every": count(),
         "patience": count(), "warmup_steps": integer(0), "grad_clip": number(above=0),
         "rag_k_grid": list_of(count(), distinct=True), "long_context_tokens": count(),
-        "synthetic_facts_per_conversation": count(), "synthetic_method": one_of(METHODS),
+        "synthetic_facts_per_conversation": count(), "synthetic_method": one_of(LATENT_METHODS),
         "claimed_effect": number(above=0), "max_turns": integer(0),
     },
 }
@@ -171,7 +169,14 @@ CHAPTER_RULES: dict[str, dict[str, Rule]] = {
 _RELATIONS = {
     "03": [(("ppl_stride", "ppl_window"), lambda stride, window: stride <= window, "ppl_stride <= ppl_window"),
            (("n_repetition_probes", "n_long_probes"), lambda repeated, probes: repeated <= probes,
-            "n_repetition_probes <= n_long_probes")],
+            "n_repetition_probes <= n_long_probes"),
+           (("n_long_probes", "long_seeds"), lambda probes, seeds: probes >= len(seeds),
+            "at least one probe per essay seed (n_long_probes >= len(long_seeds))"),
+           (("n_noise_probes", "n_long_probes", "long_seeds"),
+            lambda noise, probes, seeds: noise <= -(-probes // len(seeds)),
+            "n_noise_probes at most the probes of the first essay seed"),
+           (("dev_tokens", "ppl_window"), lambda tokens, window: tokens >= 2 * window,
+            "dev_tokens >= 2 * ppl_window (the rule compares two halves of the development windows)")],
     "04": [(("primary_gamma", "gammas"), lambda primary, gammas: primary in gammas, "primary_gamma is one of gammas"),
            (("capacities",), lambda capacities: set(capacities) <= {"1x", "10x"},
             "capacities are named 1x and/or 10x (the paper's names)")],

@@ -8,11 +8,12 @@ import torch
 
 from fastmem import benchmark as bm
 from fastmem import evaluation, stats
-from fastmem.attractors import (ATTRACTOR_SITES, AttractorConfig, AttractorLayer, stream_effect,
+from fastmem.attractors import (ATTRACTOR_SITES, AttractorConfig, AttractorLayer, effect_summary, stream_effect,
                                 switch_summary, topic_switch)
 from fastmem.book import glued_values
 from fastmem.data import load_recall_probes
 from fastmem.errors import ParameterError
+from fastmem.models import transformer_blocks
 
 from conftest import executed_ci_notebook
 
@@ -325,8 +326,10 @@ def test_ci_run_glues_sane_values():
     # a few cosines per pass cannot double the cost of a forward pass
     assert -50 < values["attractor_overhead_pct"] < 100
     assert values["attractor_overhead_low"] <= values["attractor_overhead_high"]
-    # teacher-forced recall: 2 probes x 2 seeds x 3 facts; shares and p-values in range
-    assert values["attractor_long_recall_probes"] == 2 and values["attractor_n_facts"] == 12
+    # teacher-forced recall: 2 distinct probes, one under each of 2 seeds, x 3 facts; shares and p-values in range
+    assert values["attractor_long_recall_probes"] == 2 and values["attractor_n_facts"] == 6
+    assert values["attractor_positive_control_probes"] == 1  # the first seed's probes
+    assert values["attractor_dev_windows"] == 2  # params/ci/03.yaml: 256 tokens in windows of 128
     plain, layer = values["attractor_long_recall_plain"], values["attractor_long_recall_layer"]
     assert 0 <= plain <= 1 and 0 <= layer <= 1
     if plain > 0:
@@ -353,3 +356,34 @@ def test_ci_run_glues_sane_values():
     assert 0 <= values["attractor_snapped_share_low"] <= values["attractor_snapped_share_high"] <= 1
     for key in ("ppl", "overhead", "long", "gated", "k", "decay", "snap"):
         assert values[f"attractor_verdict_{key}"] in ("holds", "partly", "does not hold", "inconclusive"), key
+
+
+@pytest.mark.parametrize("fixture", ["tiny_neox", "smollm2"])
+def test_shared_perplexity_equals_the_full_model(fixture, request):
+    model, _, _ = request.getfixturevalue(fixture)
+    ids = torch.randint(5, 1000, (70,), generator=torch.Generator().manual_seed(1))
+    block = len(transformer_blocks(model)) // 2
+    shared = bm.SharedPerplexity(model, ids, 16, 16, block)
+    plain = bm.perplexity(model, ids, 16, 16, progress=False)
+    assert np.allclose(shared.plain["nll"], plain["nll"], rtol=1e-5)
+    config = AttractorConfig(layer=block, n_attractors=4, feedback_strength=2.0)
+    full = bm.perplexity(model, ids, 16, 16, memory=AttractorLayer(model, config), progress=False)
+    cached = shared.score(AttractorLayer(model, config))
+    assert np.allclose(cached["nll"], full["nll"], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(full["nll"][1:], plain["nll"][1:], rtol=1e-4), "the layer must act (control)"
+    early = bm.perplexity_windows(full, [0, 1])
+    assert early["tokens"].sum() == full["tokens"][:2].sum()
+
+
+def test_effect_summary_reads_a_stream_effect(tiny_neox):
+    model, _, _ = tiny_neox
+    effect = stream_effect(model, AttractorConfig(layer=1, n_attractors=4, feedback_strength=0.0), _inputs(5))
+    row = effect_summary(effect, n_boot=50, seed=0)
+    assert row["KL"] == 0 and row["answer changes"] == 0 and row["loss change %"] == 0
+    assert row["KL 95% CI"] == "[0.0e+00, 0.0e+00]"
+
+
+def test_suite_cell_writes_value_change_and_interval():
+    row = {"memory": 0.5123, "change": 1.2, "low": 0.4, "high": 2.0, "unit": "% change"}
+    assert bm.suite_cell(row) == "0.512 (+1.200% [+0.400, +2.000])"
+    assert bm.suite_cell({**row, "unit": "absolute change"}) == "0.512 (+1.200 [+0.400, +2.000])"
