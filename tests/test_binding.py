@@ -214,7 +214,7 @@ def test_public_functions_accept_custom_contexts_and_templates(tiny_neox):
                                 plain="Q: {word} stands for what? A:", unrelated=("Q: what is up? A:",))
     bindings = tasks.make_bindings(["zorp", "quib"], ("Mars", "Venus"), ("red", "blue", "green"), seed=0)
     states = fb.encode_bindings(model, tokenizer, bindings, [1], templates)
-    assert tasks.write_prompt(bindings[0], templates) == f"On planet Mars the word zorp stands for"
+    assert tasks.write_prompt(bindings[0], templates) == "On planet Mars the word zorp stands for"
     memory = fb.write_memory(model, tokenizer, states["write"], bindings, 1, "single_step")
     projector = fb.train_projector(states["read"].keys["symbol"][1], states["write"].keys["symbol"][1], 8, 3)
     unrelated = fb.encode_unrelated(model, tokenizer, list(templates.unrelated), [1])

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import nbformat
 import pytest
@@ -212,15 +211,20 @@ def test_a_failed_run_leaves_the_target_untouched(tmp_path):
 
 @pytest.mark.parametrize("in_place", [True, False], ids=["in place", "with --out"])
 def test_ctrl_c_ends_with_one_line_and_writes_nothing(tmp_path, in_place):
-    notebook = _write_notebook(tmp_path / "chapter.ipynb", "n = 1", "import time\ntime.sleep(60)")
+    started = tmp_path.parent / f"{tmp_path.name}.started"  # outside the folder checked below
+    notebook = _write_notebook(tmp_path / "chapter.ipynb", "n = 1",
+                               f"import pathlib, time\npathlib.Path({str(started)!r}).touch()\ntime.sleep(60)")
     before = notebook.read_bytes()
     args = [sys.executable, "-m", "fastmem.book", str(notebook)] + ([] if in_place else ["--out", str(tmp_path / "out")])
+    # A shell's background job starts with Ctrl-C ignored, and children inherit that: give the runner
+    # the default disposition a reader's terminal gives it.
     process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    for line in process.stdout:  # wait until the chapter is executing
-        if line.startswith("executing"):
-            break
-    time.sleep(4)  # the kernel is now inside the sleeping cell
+                               start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120
+    while not started.exists() and time.monotonic() < deadline:  # the kernel is inside the sleeping cell
+        time.sleep(0.1)
+    assert started.exists(), "the chapter never reached its sleeping cell"
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     lines = [line for line in stderr.splitlines() if line.strip()]
@@ -272,3 +276,24 @@ def test_the_runner_checks_parameters_without_importing_torch():
     code = "import sys, fastmem.book; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.stdout.strip() == "False", result.stderr
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.5, 1.0, 1.5, 2.0])
+def test_ctrl_c_while_the_kernel_starts_ends_with_one_line(tmp_path, delay):
+    # Whatever moment of the kernel's start Ctrl-C hits (it may kill the kernel half-started), the
+    # reader sees one line and nothing is written.
+    notebook = _write_notebook(tmp_path / "chapter.ipynb", "n = 1", "import time\ntime.sleep(60)")
+    before = notebook.read_bytes()
+    process = subprocess.Popen([sys.executable, "-m", "fastmem.book", str(notebook)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for line in process.stdout:
+        if line.startswith("executing"):
+            break
+    time.sleep(delay)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert process.returncode == 130 and lines == ["interrupted: chapter.ipynb not written"], stderr[-2000:]
+    assert notebook.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["chapter.ipynb"]
