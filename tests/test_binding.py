@@ -383,7 +383,7 @@ def test_overhead_measurement_sees_a_known_slowdown(tiny_neox, monkeypatch):
     fb.busy_pause(0.01)
     assert 0.01 <= time.perf_counter() - start < 0.05  # the pause lasts what it says
     pauses = []
-    monkeypatch.setattr(fb, "busy_pause", pauses.append)
+    monkeypatch.setattr(fb.cost, "busy_pause", pauses.append)
     generate()
     assert pauses == []  # the pause is gone once the block ends
     with fb.slowed(model, 0.5):
@@ -426,7 +426,7 @@ def test_pool_values_are_computed_once_on_first_retrieval(smollm2, pool, monkeyp
                       pool[0].head_input, pool[0].targets, torch.zeros(len(pool[0]), dtype=torch.bool), 4.0, 5)
     calls = []
     compute = fb.memory_values
-    monkeypatch.setattr(fb, "memory_values", lambda *args: calls.append(len(args[1])) or compute(*args))
+    monkeypatch.setattr(fb.capacity, "memory_values", lambda *args: calls.append(len(args[1])) or compute(*args))
     first = written.compute_values(model, torch.tensor([3, 1, 3]))
     again = written.compute_values(model, torch.tensor([1, 3]))
     assert calls == [2] and torch.equal(first, again)

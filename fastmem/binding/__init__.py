@@ -1,0 +1,36 @@
+"""The one-shot binding memory of seed 000 and its selective revision (chapter 2), one part a module.
+
+- :mod:`~fastmem.binding.memory`: prompt states, keys, the key projector, stored values, writing
+  and saving (``BindingMemory``);
+- :mod:`~fastmem.binding.selection`: which value a query receives: top-1 retrieval, the selective
+  gate, the GRACE-style codebook, thresholds fitted on held-out training words;
+- :mod:`~fastmem.binding.scoring`: generation with an injected value, the chapter's columns and the
+  in-context baseline;
+- :mod:`~fastmem.binding.capacity`: thousands of bindings written in shared passes, Read as the
+  memory grows;
+- :mod:`~fastmem.binding.cost`: the memory served inside the forward pass, timed beside a positive
+  control, and its FLOPs.
+
+Read: the question's key retrieves the top-1 stored key by cosine similarity (one matrix
+product); the retrieved value is added to the state entering the output head at the answer
+position, and the model then generates greedily. The model's weights are never touched.
+"""
+
+from .memory import (MEMORY_KIND, PromptStates, key_prefix, prompt_states, KeyProjector, train_projector, BindingMemory,
+                     retrieve, memory_values, write_memory, encode_bindings, encode_unrelated, synthetic_memory)
+from .selection import (MODES, ContextGate, context_presence, gate_scores, separating_threshold, fit_gate, Codebook,
+                        grace_codebook, grace_radii, fit_grace_threshold, token_centre, select_values, SeedFit,
+                        fit_seed, calibrate_threshold)
+from .scoring import (generate, exact_match, contains_any, changed, forced_choice, COPY_MODE, COLUMNS, score_columns,
+                      score_records, paired_cosine, in_context_scores, in_context_prompts)
+from .capacity import write_pool, Pool, CAPACITY_MODES, capacity_records
+from .cost import attached, busy_pause, slowed, measure_overhead, retrieval_flops, forward_flops_per_token
+
+__all__ = ["MEMORY_KIND", "PromptStates", "key_prefix", "prompt_states", "KeyProjector", "train_projector",
+           "BindingMemory", "retrieve", "memory_values", "write_memory", "encode_bindings", "encode_unrelated",
+           "synthetic_memory", "MODES", "ContextGate", "context_presence", "gate_scores", "separating_threshold",
+           "fit_gate", "Codebook", "grace_codebook", "grace_radii", "fit_grace_threshold", "token_centre",
+           "select_values", "SeedFit", "fit_seed", "calibrate_threshold", "generate", "exact_match", "contains_any",
+           "changed", "forced_choice", "COPY_MODE", "COLUMNS", "score_columns", "score_records", "paired_cosine",
+           "in_context_scores", "in_context_prompts", "write_pool", "Pool", "CAPACITY_MODES", "capacity_records",
+           "attached", "busy_pause", "slowed", "measure_overhead", "retrieval_flops", "forward_flops_per_token"]
