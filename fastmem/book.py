@@ -263,15 +263,12 @@ def _run_one(notebook: Path, parameters: dict, param_set: str, out: str | None) 
     started = time.perf_counter()
     try:
         with _stderr_to(LOG_DIR / f"{notebook.stem}.log"):
-            try:
-                execute(notebook, output, parameters)
-            except KeyboardInterrupt:
-                # Ctrl-C while the kernel starts kills it, and the client's orphaned task reports that
-                # death through asyncio's logger when it is collected, after this line: the reader
-                # pressed Ctrl-C, so the one line below says all there is.
-                logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-                raise
+            execute(notebook, output, parameters)
     except KeyboardInterrupt:
+        # Ctrl-C while the kernel starts kills it, and the client's orphaned task reports that death
+        # through asyncio's logger when it is collected, after this line: the reader pressed Ctrl-C,
+        # so the one line below says all there is.
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         return f"interrupted: {notebook.name} not written"
     except Exception as error:  # noqa: BLE001 - every failure ends as one line naming the chapter
         return f"error in {notebook}: {_one_line(error)}"
