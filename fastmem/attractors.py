@@ -48,6 +48,7 @@ from .models import model_info, transformer_blocks
 from .names import ATTRACTOR_INITS, ATTRACTOR_SITES
 from .persistence import StoredMemory, load_memory, save_memory
 from .report import interval_text
+from .serving import HookedMemory
 
 MEMORY_KIND = "attractor_layer"
 
@@ -107,7 +108,7 @@ def _checker(owner: str):
     return check
 
 
-class AttractorLayer:
+class AttractorLayer(HookedMemory):
     """Attractor memory attached to a frozen model by a forward hook (chapter 3).
 
     Use as a context manager (``with AttractorLayer(model, config): ...``) or with
@@ -118,7 +119,7 @@ class AttractorLayer:
     """
 
     def __init__(self, model: nn.Module, config: AttractorConfig | None = None, **coefficients):
-        self.model = model
+        super().__init__(model)
         config = config or AttractorConfig()
         self.config = config.with_(**coefficients) if coefficients else config
         blocks = transformer_blocks(model)
@@ -133,8 +134,6 @@ class AttractorLayer:
                 raise ParameterError(f"block {self.block_index}: no attention module found")
         else:
             self.module = block
-        self._handles: list = []
-        self._mask: torch.Tensor | None = None
         self.record: list[dict] | None = None  # set to [] to log one row of diagnostics per pass (device tensors)
         self.reset()
 
@@ -210,30 +209,9 @@ class AttractorLayer:
         return load_memory(path, MEMORY_KIND, model).rebuild(rebuild)
 
     # ------------------------------------------------------------------ hooks
-    def attach(self) -> "AttractorLayer":
-        """Register the hooks (idempotent). The state is kept; call :meth:`reset` to clear it (chapter 3)."""
-        if not self._handles:
-            self._handles.append(self.model.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
-            self._handles.append(self.module.register_forward_hook(self._hook))
-        return self
-
-    def detach(self) -> None:
-        """Remove the hooks; the model is then exactly the plain model again (chapter 3)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._mask = None
-
-    def __enter__(self) -> "AttractorLayer":
-        return self.attach()
-
-    def __exit__(self, *exc) -> None:
-        self.detach()
-
-    def _capture_mask(self, module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        self._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        return None
+    def hooks(self) -> list:
+        """One forward hook at the chosen site; the state is kept across attach and detach (chapter 3)."""
+        return [(self.module, "forward", self._hook)]
 
     def feedback_active(self) -> torch.Tensor:
         """Per stream: is the burn-in over (so that the pending feedback is applied) (chapter 3)?"""
@@ -260,10 +238,7 @@ class AttractorLayer:
             self.feedback_passes = self.feedback_passes + active.any().long()
         # pooled activation of this pass (before the feedback), masked mean over positions
         h = hidden.detach().float()
-        if self._mask is not None and self._mask.shape[0] == batch:
-            weights = self._mask[:, -length:].to(device=h.device, dtype=h.dtype)
-        else:
-            weights = torch.ones(batch, length, device=h.device)
+        weights = self.token_mask(batch, length, h.device).to(h.dtype)
         if streams == 1:
             pooled = (h * weights[..., None]).sum(dim=(0, 1)) / weights.sum().clamp_min(1)
             pooled = pooled[None]
