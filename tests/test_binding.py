@@ -478,3 +478,56 @@ def test_score_records_count_an_unrelated_question_once_across_seeds():
     assert read_units == {"0:zorp:Mars", "1:zorp:Mars"} and unrelated_units == {"q:q1", "q:q2"}
     assert [r["score"] for r in records if r["column"] == "unrelated_any"] == [0.0, 1.0, 0.0, 1.0]
     assert fb.paired_cosine(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[2.0, 0.0], [1.0, 0.0]])).tolist() == [1.0, 0.0]
+
+
+def _prompt_batch(model, tokenizer, prompt):
+    batch = {k: v for k, v in fv.encode_prompts(model, tokenizer, [prompt]).items() if k != "position_ids"}
+    hidden = model(**batch, output_hidden_states=True).hidden_states[LAYER + 1]
+    return batch, hidden, batch["attention_mask"].bool()
+
+
+@torch.no_grad()
+def test_served_gated_memory_chooses_as_the_chapter_2_gate_does(smollm2, written, gated):
+    """Read inside the forward pass, the selective memory injects for the same prompts and entries as
+    ``select_values(mode="gated")`` on the cached states: reads inject, plain and unrelated do not."""
+    model, tokenizer, _ = smollm2
+    bindings, states, _, _ = written
+    projector, memory, gate, _ = gated
+    templates = tasks.Templates()
+    for kind, prompts in (("read", [tasks.read_prompt(b) for b in bindings]),
+                          ("plain", [tasks.plain_prompt(b) for b in bindings]),
+                          ("unrelated", list(templates.unrelated[12:18]))):
+        query = fb.encode_unrelated(model, tokenizer, prompts, [LAYER]) if kind == "unrelated" else states[kind]
+        expected = fb.select_values(memory, "gated", query, LAYER, projector, gate=gate)[1]
+        for row, prompt in enumerate(prompts):
+            anchor = bindings[row].word if kind != "unrelated" else None
+            key_position = len(tokenizer.encode(fb.key_prefix(prompt, anchor))) - 1
+            _, hidden, real = _prompt_batch(model, tokenizer, prompt)
+            served = fb.ServedBinding(model, memory, LAYER, projector, gate=gate, key_position=key_position)
+            assert served.values_for(hidden, real)[1].item() == expected[row].item(), (kind, row)
+    assert (expected == -1).all()
+    ungated = fb.ServedBinding(model, memory, LAYER, projector, key_position=key_position)
+    assert ungated.values_for(hidden, real)[1].item() >= 0  # without the gate the same prompt gets a value
+
+
+@torch.no_grad()
+def test_served_gated_memory_leaves_unrelated_text_bit_identical_and_answers_its_reads(smollm2, written, gated):
+    model, tokenizer, _ = smollm2
+    bindings, _, _, _ = written
+    projector, memory, gate, _ = gated
+    served = fb.ServedBinding(model, memory, LAYER, projector, gate=gate, key_position=None)
+    unrelated = tasks.Templates().unrelated[12]
+    batch, _, _ = _prompt_batch(model, tokenizer, unrelated)
+    plain = model.generate(**batch, max_new_tokens=4, do_sample=False)
+    with served:
+        assert torch.equal(model.generate(**batch, max_new_tokens=4, do_sample=False), plain)
+    assert int(served.injected) == 0
+    labels = [b.label for b in bindings]
+    answers = []
+    for b in bindings:
+        batch, _, _ = _prompt_batch(model, tokenizer, tasks.read_prompt(b))
+        with served:
+            out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        answers.append(tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True))
+    assert int(served.injected) >= len(bindings) - 1  # with no known key position the gate still opens on reads
+    assert fb.exact_match(answers, labels).mean() >= 0.6

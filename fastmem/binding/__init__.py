@@ -8,8 +8,9 @@
   in-context baseline;
 - :mod:`~fastmem.binding.capacity`: thousands of bindings written in shared passes, Read as the
   memory grows;
-- :mod:`~fastmem.binding.cost`: the memory served inside the forward pass, timed beside a positive
-  control, and its FLOPs.
+- :mod:`~fastmem.binding.serving`: the memory served inside the model's own forward pass by hooks
+  (``ServedBinding``), gated or not, as chapter 5's benchmark attaches it;
+- :mod:`~fastmem.binding.cost`: the served memory timed beside a positive control, and its FLOPs.
 
 Read: the question's key retrieves the top-1 stored key by cosine similarity (one matrix
 product); the retrieved value is added to the state entering the output head at the answer
@@ -18,19 +19,20 @@ position, and the model then generates greedily. The model's weights are never t
 
 from .memory import (MEMORY_KIND, PromptStates, key_prefix, prompt_states, KeyProjector, train_projector, BindingMemory,
                      retrieve, memory_values, write_memory, encode_bindings, encode_unrelated, synthetic_memory)
-from .selection import (MODES, ContextGate, context_presence, gate_scores, separating_threshold, fit_gate, Codebook,
+from .selection import (MODES, ContextGate, context_presence, presence_scores, gate_scores, separating_threshold, fit_gate, Codebook,
                         grace_codebook, grace_radii, fit_grace_threshold, token_centre, select_values, SeedFit,
                         fit_seed, calibrate_threshold)
 from .scoring import (generate, exact_match, contains_any, changed, forced_choice, COPY_MODE, COLUMNS, score_columns,
                       score_records, paired_cosine, in_context_scores, in_context_prompts)
 from .capacity import write_pool, Pool, CAPACITY_MODES, capacity_records
-from .cost import attached, busy_pause, slowed, measure_overhead, retrieval_flops, forward_flops_per_token
+from .serving import ServedBinding, attached
+from .cost import busy_pause, slowed, measure_overhead, retrieval_flops, forward_flops_per_token
 
 __all__ = ["MEMORY_KIND", "PromptStates", "key_prefix", "prompt_states", "KeyProjector", "train_projector",
            "BindingMemory", "retrieve", "memory_values", "write_memory", "encode_bindings", "encode_unrelated",
            "synthetic_memory", "MODES", "ContextGate", "context_presence", "gate_scores", "separating_threshold",
-           "fit_gate", "Codebook", "grace_codebook", "grace_radii", "fit_grace_threshold", "token_centre",
+           "presence_scores", "fit_gate", "Codebook", "grace_codebook", "grace_radii", "fit_grace_threshold", "token_centre",
            "select_values", "SeedFit", "fit_seed", "calibrate_threshold", "generate", "exact_match", "contains_any",
            "changed", "forced_choice", "COPY_MODE", "COLUMNS", "score_columns", "score_records", "paired_cosine",
            "in_context_scores", "in_context_prompts", "write_pool", "Pool", "CAPACITY_MODES", "capacity_records",
-           "attached", "busy_pause", "slowed", "measure_overhead", "retrieval_flops", "forward_flops_per_token"]
+           "ServedBinding", "attached", "busy_pause", "slowed", "measure_overhead", "retrieval_flops", "forward_flops_per_token"]

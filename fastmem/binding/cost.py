@@ -1,5 +1,5 @@
-"""Cost: the memory served inside the model's forward pass, timed against the plain model beside a
-positive control, and counted in FLOPs (chapter 2).
+"""Cost: the memory served inside the model's forward pass (:mod:`~fastmem.binding.serving`), timed
+against the plain model beside a positive control, and counted in FLOPs (chapter 2).
 """
 
 from __future__ import annotations
@@ -12,46 +12,8 @@ import torch
 from torch import nn
 
 from ..benchmark import timing_ratio
-from ..models import transformer_blocks
-from .memory import BindingMemory, KeyProjector
-
-
-@contextlib.contextmanager
-def attached(model: nn.Module, memory: BindingMemory, projector: KeyProjector | None, layer: int,
-             key_position: int, alpha: float = 1.0):
-    """Serve the memory inside the model's own forward pass, as a deployed memory would (chapter 2).
-
-    On the prompt's forward pass a hook on block ``layer`` reads the key at ``key_position``, one
-    matrix product with the keys projected at write time retrieves the top-1 entry, and a hook on the head adds ``alpha`` times its value
-    at the answer position. Later (one-token) passes are left alone. Weights are never touched.
-    """
-    if len(memory) == 0:
-        yield
-        return
-    keys = nn.functional.normalize(memory.symbol_states, dim=-1) if projector is None else memory.learned_keys()
-    pending: dict[str, torch.Tensor] = {}
-
-    def read_key(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        if hidden.shape[1] > 1:
-            query = hidden[:, key_position]
-            query = query if projector is None else projector(query)
-            pending["value"] = memory.values[(nn.functional.normalize(query, dim=-1) @ keys.T).argmax(dim=-1)]
-
-    def inject(module, args):
-        if "value" not in pending:
-            return None
-        hidden = args[0].clone()
-        hidden[:, -1] += alpha * pending.pop("value")
-        return (hidden, *args[1:])
-
-    handles = [transformer_blocks(model)[layer].register_forward_hook(read_key),
-               model.get_output_embeddings().register_forward_pre_hook(inject)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+from .memory import KeyProjector
+from .serving import attached
 
 
 def busy_pause(seconds: float) -> None:

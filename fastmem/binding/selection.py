@@ -41,10 +41,19 @@ def context_presence(query: PromptStates, memory: BindingMemory, layer: int, cen
 
     Found from the forward pass alone: no context string of the prompt is used.
     """
-    tokens = nn.functional.normalize(query.tokens[layer] - centre, dim=-1)
-    stored = nn.functional.normalize(memory.context_states - centre, dim=-1)
+    return presence_scores(query.tokens[layer], query.token_mask, memory.context_states, centre)
+
+
+def presence_scores(tokens: torch.Tensor, token_mask: torch.Tensor, context_states: torch.Tensor,
+                    centre: torch.Tensor) -> torch.Tensor:
+    """``(prompts, entries)``: the best cosine of any real token (``token_mask``) of each prompt's
+    centred states ``tokens`` (prompts x positions x width) with each stored centred context
+    state: :func:`context_presence` on bare tensors, as a served memory sees them (chapters 2, 5).
+    """
+    tokens = nn.functional.normalize(tokens - centre, dim=-1)
+    stored = nn.functional.normalize(context_states - centre, dim=-1)
     similarity = torch.einsum("ptd,ed->pte", tokens, stored)
-    return similarity.masked_fill(~query.token_mask[:, :, None], -torch.inf).max(dim=1).values
+    return similarity.masked_fill(~token_mask[:, :, None], -torch.inf).max(dim=1).values
 
 
 def gate_scores(memory: BindingMemory, query: PromptStates, layer: int, projector: KeyProjector,

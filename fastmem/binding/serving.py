@@ -1,0 +1,113 @@
+"""The binding memory served inside the model's own forward pass, as a deployed memory would be
+(chapter 2, "Cost"; chapter 5, the benchmark of every memory).
+
+On a pass over a prompt (more than one token), a hook on block ``layer`` reads the prompt's states;
+retrieval is one matrix product with the keys projected at write time; a hook on the output head
+adds ``alpha`` times the chosen value at the prompt's last position, the pass that produces the
+first generated token. Later one-token passes are left alone. With a :class:`~fastmem.binding.ContextGate`
+the memory is the selective one of chapter 2: it injects only when some token of the prompt
+carries a stored context and the word key is close enough to a stored key of that context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from ..errors import ParameterError
+from ..models import transformer_blocks
+from ..serving import HookedMemory
+from .memory import BindingMemory, KeyProjector, retrieve
+from .selection import ContextGate, presence_scores
+
+
+class ServedBinding(HookedMemory):
+    """A binding memory attached to a frozen model by hooks (chapters 2 and 5).
+
+    ``key_position``: the prompt position whose state is the word key (an index into the pass's
+    positions, as chapter 2's prompts have it); ``None``: the memory does not know where the word
+    is, so every real token of the prompt is a candidate key and the best-matching one is taken,
+    as a memory serving arbitrary text must. Without ``projector`` the raw states are the keys.
+    ``gate``: the selective memory (needs the projector). The memory keeps no state between
+    prompts: :meth:`reset` has nothing to clear. ``injected`` counts the prompts that received a value
+(a tensor; ``int(served.injected)`` reads it).
+    """
+
+    def __init__(self, model: nn.Module, memory: BindingMemory, layer: int, projector: KeyProjector | None = None,
+                 *, gate: ContextGate | None = None, key_position: int | None = -1, alpha: float = 1.0):
+        super().__init__(model)
+        if gate is not None and projector is None:
+            raise ParameterError("the gated memory needs the learned key projector")
+        self.memory, self.layer, self.projector, self.gate = memory, layer, projector, gate
+        self.key_position, self.alpha = key_position, alpha
+        self.keys = None
+        if len(memory):
+            self.keys = memory.learned_keys() if projector is not None else memory.symbol_states
+        contexts = [b.context for b in memory.bindings] if gate is not None else []
+        self.same_context = torch.tensor([[a == b for b in contexts] for a in contexts], dtype=torch.bool)
+        self.injected = torch.zeros((), dtype=torch.long)  # a tensor: counting never waits for the device
+        self._pending: torch.Tensor | None = None
+
+    def reset(self, n_streams: int = 1) -> None:
+        """Nothing to forget: every prompt is read on its own (chapters 2 and 5)."""
+        self._pending = None
+
+    def hooks(self) -> list:
+        """A read hook on block ``layer``, an injection hook on the output head; none for an empty memory (chapters 2, 5)."""
+        if self.keys is None:
+            return []
+        return [(transformer_blocks(self.model)[self.layer], "forward", self._read),
+                (self.model.get_output_embeddings(), "pre", self._inject)]
+
+    @torch.no_grad()
+    def values_for(self, hidden: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The value each prompt receives and the entry chosen (-1: nothing), from the block's
+        states ``hidden`` (prompts x positions x width) and which positions are real tokens (chapters 2, 5)."""
+        batch, length, _ = hidden.shape
+        allowed = None
+        if self.gate is not None:
+            context_score, best_entry = presence_scores(hidden, real, self.memory.context_states,
+                                                        self.gate.centre).max(dim=-1)
+            allowed = self.same_context[best_entry]
+        if self.key_position is None:
+            candidates, candidate_real = hidden, real
+        else:
+            candidates, candidate_real = hidden[:, [self.key_position]], real[:, [self.key_position]]
+        queries = candidates if self.projector is None else self.projector(candidates)
+        per_token = None if allowed is None else allowed[:, None].expand(-1, candidates.shape[1], -1)
+        index, score = retrieve(queries.flatten(0, 1), self.keys,
+                                None if per_token is None else per_token.flatten(0, 1))
+        score = score.view(batch, -1).masked_fill(~candidate_real, -torch.inf)
+        word_score, best_token = score.max(dim=1)
+        index = index.view(batch, -1).gather(1, best_token[:, None]).squeeze(1)
+        miss = ~torch.isfinite(word_score)
+        if self.gate is not None:
+            miss |= (context_score < self.gate.context_threshold) | (word_score < self.gate.word_threshold)
+        values = self.memory.values[index].masked_fill(miss[:, None], 0.0)
+        return values, index.masked_fill(miss, -1)
+
+    def _read(self, module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.shape[1] > 1:
+            real = self.token_mask(hidden.shape[0], hidden.shape[1], hidden.device)
+            values, index = self.values_for(hidden, real)
+            self._pending = values.to(hidden.dtype)
+            self.injected = self.injected + (index >= 0).sum()
+
+    def _inject(self, module, args):
+        if self._pending is None:
+            return None
+        hidden = args[0].clone()
+        hidden[:, -1] += self.alpha * self._pending
+        self._pending = None
+        return (hidden, *args[1:])
+
+
+@contextlib.contextmanager
+def attached(model: nn.Module, memory: BindingMemory, projector: KeyProjector | None, layer: int,
+             key_position: int, alpha: float = 1.0):
+    """Serve the ungated memory (top-1, the key at ``key_position``) for a ``with`` block (chapter 2: cost)."""
+    with ServedBinding(model, memory, layer, projector, key_position=key_position, alpha=alpha):
+        yield
