@@ -11,7 +11,7 @@ import torch
 from fastmem import data, evaluation
 from fastmem.book import glued_values
 from fastmem.errors import ParameterError
-from fastmem.latent import adapters, backbones, devices, experiment, forgetting, training
+from fastmem.latent import ServedAdapter, adapters, backbones, devices, experiment, forgetting, training
 from fastmem.models import model_info
 
 from conftest import executed_ci_notebook
@@ -397,3 +397,64 @@ def test_an_adapter_from_the_experiment_saves_and_loads_to_identical_outputs(tin
         assert torch.equal(backbone.loss(trained, banks["trained"], batch), backbone.loss(loaded, banks["loaded"], batch))
     answers = backbone.generate(loaded, banks["loaded"], prompts, 3)
     assert answers == backbone.generate(trained, banks["trained"], prompts, 3) == run["preds"]["own"]
+
+
+def _served(tiny_neox, method="m2"):
+    backbone, states, train, _ = _setup(tiny_neox)
+    adapter = adapters.LatentAdapter(method, backbone.width, 16, hidden_rms=backbones.hidden_rms(train), seed=3)
+    with torch.no_grad():
+        adapter.gate.fill_(0.5)
+    served = ServedAdapter(backbone.model, adapter, write_block=backbone.write_block, inject_block=backbone.inject,
+                           turn_tokens=backbone.turn_tokens)
+    return backbone, states, adapter, served
+
+
+@pytest.mark.parametrize("method", ["m2", "m4", "m5", "m6"])
+def test_served_adapter_reads_as_the_backbone_does(tiny_neox, method):
+    """The hook adds the same residual at the same block as chapter 4's backbone: the same answer loss."""
+    backbone, states, adapter, served = _served(tiny_neox, method)
+    bank, _ = adapter.write_turns(adapter.empty_bank(), states)
+    one = backbone.prepare(QUESTIONS[:1], ANSWERS[:1])
+    with torch.no_grad():
+        expected = backbone.loss(adapter, bank, one)
+        served.reset()
+        served.banks = bank[None].clone()
+        with served:
+            logits = backbone.model(one.ids, position_ids=one.positions).logits
+        plain = backbone.model(one.ids, position_ids=one.positions).logits
+    chosen = one.labels != -100
+    loss = torch.nn.functional.cross_entropy(logits[chosen].float(), one.labels[chosen])
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(logits, plain)  # the read is not a no-op: cutting it fails the identity
+
+
+def test_served_adapter_writes_each_pass_after_it_ends_as_the_backbone_writes_a_turn(tiny_neox):
+    backbone, _, adapter, served = _served(tiny_neox)
+    model, tokenizer = backbone.model, backbone.tokenizer
+    first = torch.tensor([tokenizer.encode(TURNS[1])[: backbone.turn_tokens]])
+    second = torch.tensor([tokenizer.encode(TURNS[2])[: backbone.turn_tokens]])
+    with torch.no_grad():
+        plain = [model(ids).logits for ids in (first, second)]
+        with served:
+            after_empty = model(first).logits
+            written = served.banks[0].clone()
+            after_write = model(second).logits
+        detached = model(second).logits
+    assert torch.equal(after_empty, plain[0])  # an empty bank is the plain model, and a pass never reads itself
+    expected = adapter.write(adapter.empty_bank(), backbone.encode_turns([TURNS[1]])[0])
+    torch.testing.assert_close(written, expected, rtol=1e-4, atol=1e-5)
+    assert served.turns_written == 2
+    assert not torch.allclose(after_write, plain[1])  # the next pass reads what the first wrote
+    assert torch.equal(detached, plain[1])
+    served.reset(n_streams=2)
+    assert served.banks.shape[0] == 2 and served.banks.abs().sum() == 0 and served.turns_written == 0
+    with served, pytest.raises(ParameterError, match="banks"):
+        model(torch.cat([first, first, first]))
+
+
+def test_only_residual_reads_can_be_served(tiny_neox):
+    backbone, _, _, _ = _served(tiny_neox)
+    for method in ("m1", "m3"):
+        adapter = adapters.LatentAdapter(method, backbone.width, 16)
+        with pytest.raises(ParameterError, match="residual"):
+            ServedAdapter(backbone.model, adapter, write_block=1, inject_block=1)

@@ -9,6 +9,8 @@ Chapter 4 re-implements arXiv:2603.16413 (Jeong 2026), one concept a module:
 - :mod:`~fastmem.latent.training`: training the read side (early stopping on a held-out conversation);
 - :mod:`~fastmem.latent.experiment`: the chapter's protocol, controls and experiment loop;
 - :mod:`~fastmem.latent.forgetting`: the forgetting curve over lag;
+- :mod:`~fastmem.latent.serving`: a trained residual-read adapter served inside the model's own
+  forward pass (``ServedAdapter``), as chapter 5's benchmark attaches it;
 - :mod:`~fastmem.latent.devices`: where the tensors live (CUDA when present, else the CPU).
 
 LoCoMo's conversations and questions are read by :mod:`fastmem.data`; answer F1 and BM25 retrieval
@@ -21,6 +23,7 @@ from .backbones import DecoderOnlyBackbone, EncoderDecoderBackbone, QuestionBatc
 from .devices import resolve_device
 from .forgetting import LAG_EDGES, LAG_LABELS, forgetting_curve, isotonic_nonincreasing, lag_bucket
 from .training import train_adapter, train_until_plateau
+from .serving import ServedAdapter
 from .experiment import (CONDITIONS, asking_points, paired_endpoint, run_latent_experiment, synthetic_facts,
                          text_contexts)
 
@@ -28,4 +31,4 @@ __all__ = ["CAPACITY_ROWS", "INJECTION", "METHOD_NAMES", "METHODS", "WRITE_RULES
            "shared_features", "DecoderOnlyBackbone", "EncoderDecoderBackbone", "QuestionBatch",
            "hidden_rms", "make_backbone", "LAG_EDGES", "LAG_LABELS", "forgetting_curve", "isotonic_nonincreasing",
            "lag_bucket", "train_adapter", "train_until_plateau", "CONDITIONS", "asking_points", "paired_endpoint",
-           "run_latent_experiment", "synthetic_facts", "text_contexts", "resolve_device"]
+           "run_latent_experiment", "synthetic_facts", "text_contexts", "resolve_device", "ServedAdapter"]
