@@ -353,6 +353,27 @@ def verdict_effect_decidable(low: float, high: float, claimed: float, *, can_det
     return verdict
 
 
+def verdict_preserved(low: float, high: float, band: float, *, identical: bool = False,
+                      control_detected: bool = True) -> str:
+    """Verdict on "attaching the memory preserves the measure within ``±band``" (chapter 5).
+
+    - holds, by identity, when every scored item is bit-identical to the plain model's
+      (``identical``): nothing changed, so no interval is needed;
+    - inconclusive when the interval is a single point or NaN (a degenerate bootstrap is not
+      evidence of no change);
+    - otherwise :func:`verdict_within`;
+    - a "holds" becomes inconclusive unless ``control_detected``: a positive control (a memory known
+      to change the measure) showed that the benchmark can see a change.
+    """
+    if identical:
+        verdict = HOLDS
+    elif np.isfinite(low) and np.isfinite(high) and low < high:
+        verdict = verdict_within(low, high, band)
+    else:
+        verdict = INCONCLUSIVE
+    return INCONCLUSIVE if verdict == HOLDS and not control_detected else verdict
+
+
 def verdict_at_least(low: float, high: float, floor: float) -> str:
     """Verdict on "the value is at least ``floor``" (chapter 3: failure modes), the mirror of :func:`verdict_at_most`.
 

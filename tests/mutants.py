@@ -77,6 +77,18 @@ MUTANTS = (
     Mutant("GRACE radii do not shrink away from conflicting entries", "fastmem/binding/selection.py",
            "return torch.maximum(torch.full_like(nearest_conflict, initial_threshold), (1 + nearest_conflict) / 2)",
            "return torch.full_like(nearest_conflict, initial_threshold)", "tests/test_binding.py"),
+    Mutant("served binding memory ignores its gate", "fastmem/binding/serving.py",
+           "miss |= (context_score < self.gate.context_threshold) | (word_score < self.gate.word_threshold)",
+           "pass", "tests/test_binding.py"),
+    Mutant("served latent adapter never writes", "fastmem/latent/serving.py",
+           "self.banks[stream] = self.adapter.write(self.banks[stream], states[start:start + self.turn_tokens])",
+           "pass", "tests/test_latent.py"),
+    Mutant("served latent adapter never reads", "fastmem/latent/serving.py",
+           "changed = hidden + self.adapter.residual(hidden, bank.to(hidden.dtype)).to(hidden.dtype)",
+           "changed = hidden", "tests/test_latent.py"),
+    Mutant("a preserved measure holds without the benchmark's positive control", "fastmem/stats.py",
+           "return INCONCLUSIVE if verdict == HOLDS and not control_detected else verdict",
+           "return verdict", "tests/test_stats.py"),
 )
 
 

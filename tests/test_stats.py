@@ -230,3 +230,17 @@ def test_share_ci_is_the_wilson_interval_of_the_counted_successes():
     share, low, high = stats.share_ci(81 / 263, 263)
     assert share == pytest.approx(81 / 263)
     assert (low, high) == pytest.approx(stats.wilson_interval(81, 263))
+
+
+@pytest.mark.parametrize("low, high, identical, control, expected", [
+    (0.0, 0.0, True, True, "holds"),  # nothing changed: holds by identity, not by a degenerate interval
+    (0.0, 0.0, False, True, "inconclusive"),
+    (-0.3, 0.4, False, True, "holds"),
+    (-0.3, 0.4, False, False, "inconclusive"),  # the benchmark could not see a known change
+    (0.0, 0.0, True, False, "inconclusive"),
+    (1.5, 2.0, False, False, "does not hold"),
+    (0.5, 1.5, False, True, "partly"),
+    (float("nan"), 0.2, False, True, "inconclusive"),
+])
+def test_verdict_preserved(low, high, identical, control, expected):
+    assert stats.verdict_preserved(low, high, 1.0, identical=identical, control_detected=control) == expected
