@@ -141,7 +141,8 @@ CHAPTER_RULES: dict[str, dict[str, Rule]] = {
         "n_long_probes": count(), "long_seeds": list_of(integer(0), distinct=True), "n_noise_probes": count(),
         "long_tokens": count(),
         "recall_chunk": count(), "positive_control_strength": number(above=0), "n_repetition_probes": count(),
-        "batch_size": count(), "n_comprehension": count(), "answer_tokens": count(), "sweep_windows": count(),
+        "batch_size": count(), "n_comprehension": count(), "gated_strength_grid": list_of(number(above=0)),
+        "n_dev_comprehension": count(), "answer_tokens": count(), "sweep_windows": count(),
         "sweep_window_tokens": integer(2), "sweep_n_attractors": list_of(count()),
         "sweep_activation_threshold": number(), "sweep_decays": list_of(rate()),
         "sensitivity": mapping_of(Rule("a non-empty list", lambda v: isinstance(v, list) and len(v) > 0)),
@@ -162,6 +163,23 @@ CHAPTER_RULES: dict[str, dict[str, Rule]] = {
         "synthetic_facts_per_conversation": count(), "synthetic_method": one_of(LATENT_METHODS),
         "claimed_effect": number(above=0), "max_turns": integer(0),
     },
+    "05": {
+        "param_set": text(), "model_name": model_name(), "seed": integer(0), "threads": count(),
+        "ppl_tokens": integer(2), "ppl_window": integer(2), "timing_tokens": count(), "overhead_repeats": count(),
+        "n_essays": count(), "essay_tokens": count(), "n_comprehension": count(), "answer_tokens": count(),
+        "batch_size": count(), "n_bootstrap": count(), "attractor_layer": integer(), "attractor_strength": number(0),
+        "control_strength": number(above=0), "binding_layer": integer(0), "key_dim": count(),
+        "projector_steps": count(), "n_train_words": count(), "n_calibration_words": count(),
+        "n_calibration_unrelated": count(), "n_memory_words": count(), "value_kind": one_of(VALUE_KINDS),
+        "iterated_step": number(above=0), "iterated_steps": count(), "binding_new_tokens": count(),
+        "latent_method": one_of(("m2", "m4", "m5", "m6")), "latent_rows": count(),
+        "latent_gamma": number(maximum=1, above=0), "write_block": count(), "inject_block": count(),
+        "turn_tokens": count(), "question_tokens": count(), "latent_answer_tokens": count(),
+        "n_train_questions": count(), "n_valid_questions": count(), "n_test_questions": count(),
+        "learning_rate": number(above=0), "weight_decay": number(0), "grad_clip": number(above=0),
+        "train_batch_size": count(), "max_steps": count(), "eval_every": count(), "patience": count(),
+        "warmup_steps": integer(0), "max_turns": integer(0),
+    },
 }
 
 
@@ -180,11 +198,13 @@ _RELATIONS = {
     "04": [(("primary_gamma", "gammas"), lambda primary, gammas: primary in gammas, "primary_gamma is one of gammas"),
            (("capacities",), lambda capacities: set(capacities) <= {"1x", "10x"},
             "capacities are named 1x and/or 10x (the paper's names)")],
+    "05": [(("ppl_tokens", "ppl_window"), lambda tokens, window: tokens >= window,
+            "ppl_tokens >= ppl_window (at least one perplexity window)")],
 }
 
 
 def chapter_rules(chapter: str) -> dict[str, Rule]:
-    """The declared parameters of chapter ``chapter`` ("01".."04"), empty for a notebook of one's own (all chapters)."""
+    """The declared parameters of chapter ``chapter`` ("01".."05"), empty for a notebook of one's own (all chapters)."""
     return CHAPTER_RULES.get(chapter, {})
 
 

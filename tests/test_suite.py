@@ -1,0 +1,33 @@
+"""Chapter 5: the minimal benchmark run on every memory, each served inside the forward pass."""
+
+from fastmem.book import ROOT, execute, glued_values, resolve_parameters
+from fastmem.stats import VERDICTS
+
+from conftest import executed_ci_notebook
+
+CHAPTER_5 = "05_suite.ipynb"
+MEMORIES = ("attractor", "binding_gated", "binding_top1", "latent")
+
+
+def test_chapter_5_on_ci_parameters():
+    values = glued_values(executed_ci_notebook(CHAPTER_5))
+    n = values["suite_n_comprehension"]
+    for memory in MEMORIES:
+        assert values[f"suite_verdict_{memory}"] in VERDICTS, memory
+        assert 0 <= values[f"suite_changed_{memory}"] <= n, memory
+        assert values[f"suite_ppl_{memory}"].endswith("]"), memory
+    # the served binding memory acts where it is built to: a path cut would leave reads at the plain level
+    assert values["suite_binding_read_gated"] >= values["suite_binding_read_plain"] + 0.3
+    # the gate keeps the memory out of text it stores nothing for
+    assert values["suite_changed_binding_top1"] >= values["suite_changed_binding_gated"] + 1
+
+
+def test_chapter_5_runs_unmodified_on_the_paper_architecture(tmp_path):
+    """params/paper/05.yaml names Pythia-70M (hub only): its GPT-NeoX code paths, on random weights."""
+    notebook = ROOT / "notebooks" / CHAPTER_5
+    parameters = {**resolve_parameters(notebook, "ci")[0], "model_name": "tiny-gpt-neox", "attractor_layer": 1,
+                  "binding_layer": 1, "write_block": 1, "inject_block": 1, "key_dim": 16,
+                  "param_set": "tiny-paper-architecture"}
+    values = glued_values(execute(notebook, tmp_path / notebook.name, parameters))
+    for memory in MEMORIES:
+        assert values[f"suite_verdict_{memory}"] in VERDICTS, memory
