@@ -212,14 +212,17 @@ class BindingMemory:
             stored.settings["value_kind"], model_info(model), stored.tensors.get("retrieval_keys")))
 
 
-def retrieve(queries: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def retrieve(queries: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor | None = None,
+             keys_normalised: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-1 cosine retrieval for every query as one matrix product (chapter 2).
 
     ``allowed`` (queries x entries, bool) restricts each query to some entries (the oracle
-    context gate). Returns the index and the similarity of the best entry per query.
+    context gate). ``keys_normalised``: the keys already have unit norm (normalised once, as a
+    served memory keeps them), so they are not normalised again on every read. Returns the index
+    and the similarity of the best entry per query.
     """
-    similarity = nn.functional.normalize(queries, dim=-1) @ nn.functional.normalize(keys, dim=-1).T
+    keys = keys if keys_normalised else nn.functional.normalize(keys, dim=-1)
+    similarity = nn.functional.normalize(queries, dim=-1) @ keys.T
     if allowed is not None:
         similarity = similarity.masked_fill(~allowed, -torch.inf)
     best, index = similarity.max(dim=-1)

@@ -42,9 +42,10 @@ class ServedBinding(HookedMemory):
             raise ParameterError("the gated memory needs the learned key projector")
         self.memory, self.layer, self.projector, self.gate = memory, layer, projector, gate
         self.key_position, self.alpha = key_position, alpha
-        self.keys = None
+        self.keys = None  # normalised once here, never on a read
         if len(memory):
-            self.keys = memory.learned_keys() if projector is not None else memory.symbol_states
+            keys = memory.learned_keys() if projector is not None else memory.symbol_states
+            self.keys = nn.functional.normalize(keys, dim=-1)
         contexts = [b.context for b in memory.bindings] if gate is not None else []
         self.same_context = torch.tensor([[a == b for b in contexts] for a in contexts], dtype=torch.bool)
         self.injected = torch.zeros((), dtype=torch.long)  # a tensor: counting never waits for the device
@@ -78,7 +79,7 @@ class ServedBinding(HookedMemory):
         queries = candidates if self.projector is None else self.projector(candidates)
         per_token = None if allowed is None else allowed[:, None].expand(-1, candidates.shape[1], -1)
         index, score = retrieve(queries.flatten(0, 1), self.keys,
-                                None if per_token is None else per_token.flatten(0, 1))
+                                None if per_token is None else per_token.flatten(0, 1), keys_normalised=True)
         score = score.view(batch, -1).masked_fill(~candidate_real, -torch.inf)
         word_score, best_token = score.max(dim=1)
         index = index.view(batch, -1).gather(1, best_token[:, None]).squeeze(1)
