@@ -18,10 +18,11 @@ position, and the model then generates greedily. The model's weights are never t
 """
 
 from .memory import (MEMORY_KIND, PromptStates, key_prefix, prompt_states, KeyProjector, train_projector, BindingMemory,
-                     retrieve, memory_values, write_memory, encode_bindings, encode_unrelated, synthetic_memory)
-from .selection import (MODES, ContextGate, context_presence, presence_scores, gate_scores, separating_threshold, fit_gate, Codebook,
-                        grace_codebook, grace_radii, fit_grace_threshold, token_centre, select_values, SeedFit,
-                        fit_seed, calibrate_threshold)
+                     retrieve, retrieve_among, memory_values, write_memory, encode_bindings, encode_unrelated,
+                     synthetic_memory)
+from .selection import (MODES, ContextGate, context_presence, presence_scores, gate_scores, gate_scores_of,
+                        separating_threshold, fit_gate, Codebook, grace_codebook, grace_radii, fit_grace_threshold,
+                        token_centre, select_values, SeedFit, fit_seed, calibrate_threshold)
 from .scoring import (generate, exact_match, contains_any, changed, forced_choice, COPY_MODE, COLUMNS, score_columns,
                       score_records, paired_cosine, in_context_scores, in_context_prompts)
 from .capacity import write_pool, Pool, CAPACITY_MODES, capacity_records
@@ -29,10 +30,11 @@ from .serving import ServedBinding, attached
 from .cost import busy_pause, slowed, measure_overhead, retrieval_flops, forward_flops_per_token
 
 __all__ = ["MEMORY_KIND", "PromptStates", "key_prefix", "prompt_states", "KeyProjector", "train_projector",
-           "BindingMemory", "retrieve", "memory_values", "write_memory", "encode_bindings", "encode_unrelated",
-           "synthetic_memory", "MODES", "ContextGate", "context_presence", "gate_scores", "separating_threshold",
-           "presence_scores", "fit_gate", "Codebook", "grace_codebook", "grace_radii", "fit_grace_threshold", "token_centre",
-           "select_values", "SeedFit", "fit_seed", "calibrate_threshold", "generate", "exact_match", "contains_any",
-           "changed", "forced_choice", "COPY_MODE", "COLUMNS", "score_columns", "score_records", "paired_cosine",
-           "in_context_scores", "in_context_prompts", "write_pool", "Pool", "CAPACITY_MODES", "capacity_records",
-           "ServedBinding", "attached", "busy_pause", "slowed", "measure_overhead", "retrieval_flops", "forward_flops_per_token"]
+           "BindingMemory", "retrieve", "retrieve_among", "memory_values", "write_memory", "encode_bindings",
+           "encode_unrelated", "synthetic_memory", "MODES", "ContextGate", "context_presence", "presence_scores",
+           "gate_scores", "gate_scores_of", "separating_threshold", "fit_gate", "Codebook", "grace_codebook",
+           "grace_radii", "fit_grace_threshold", "token_centre", "select_values", "SeedFit", "fit_seed",
+           "calibrate_threshold", "generate", "exact_match", "contains_any", "changed", "forced_choice", "COPY_MODE",
+           "COLUMNS", "score_columns", "score_records", "paired_cosine", "in_context_scores", "in_context_prompts",
+           "write_pool", "Pool", "CAPACITY_MODES", "capacity_records", "ServedBinding", "attached", "busy_pause",
+           "slowed", "measure_overhead", "retrieval_flops", "forward_flops_per_token"]

@@ -175,6 +175,11 @@ class BindingMemory:
             raise ParameterError("this memory has no retrieval keys: call memory.project(projector) once after writing")
         return self.retrieval_keys
 
+    def context_ids(self) -> torch.Tensor:
+        """One integer per entry naming its context, equal for entries of the same context (chapter 2: the gate)."""
+        ids: dict[str, int] = {}
+        return torch.tensor([ids.setdefault(b.context, len(ids)) for b in self.bindings], dtype=torch.long)
+
     def head(self, size: int) -> "BindingMemory":
         """The memory of the first ``size`` entries (chapter 2: capacity)."""
         keys = None if self.retrieval_keys is None else self.retrieval_keys[:size]
@@ -227,6 +232,27 @@ def retrieve(queries: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor | 
         similarity = similarity.masked_fill(~allowed, -torch.inf)
     best, index = similarity.max(dim=-1)
     return index, best
+
+
+def retrieve_among(candidates: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor | None = None,
+                   candidate_mask: torch.Tensor | None = None, keys_normalised: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`retrieve` when each query has several candidate vectors, ``candidates`` (queries x
+    candidates x width): per query, the entry and similarity of its best-matching candidate
+    (chapters 2, 5: a served memory that does not know where the word is tries every token).
+
+    ``allowed`` (queries x entries) as in :func:`retrieve`; ``candidate_mask`` (queries x
+    candidates) marks the candidates that may be used; a query with none gets similarity ``-inf``.
+    """
+    n_queries, n_candidates = candidates.shape[:2]
+    index, similarity = retrieve(candidates.flatten(0, 1), keys,
+                                 None if allowed is None else allowed.repeat_interleave(n_candidates, dim=0),
+                                 keys_normalised)
+    similarity = similarity.view(n_queries, n_candidates)
+    if candidate_mask is not None:
+        similarity = similarity.masked_fill(~candidate_mask, -torch.inf)
+    best, choice = similarity.max(dim=1)
+    return index.view(n_queries, n_candidates).gather(1, choice[:, None]).squeeze(1), best
 
 
 def memory_values(model: nn.Module, head_input: torch.Tensor, targets: torch.Tensor, kind: str,

@@ -15,7 +15,8 @@ from torch import nn
 
 from .. import tasks
 from ..errors import ParameterError
-from .memory import BindingMemory, KeyProjector, PromptStates, encode_bindings, retrieve, train_projector, write_memory
+from .memory import (BindingMemory, KeyProjector, PromptStates, encode_bindings, retrieve, retrieve_among,
+                     train_projector, write_memory)
 
 
 MODES = ("both_top1", "context_gate", "raw_both_top1", "average", "gated", "grace")
@@ -34,6 +35,10 @@ class ContextGate:
     centre: torch.Tensor
     context_threshold: float
     word_threshold: float
+
+    def closed(self, context_score: torch.Tensor, word_score: torch.Tensor) -> torch.Tensor:
+        """Where the gate stays shut: no stored context present, or no stored word of it (chapters 2, 5)."""
+        return (context_score < self.context_threshold) | (word_score < self.word_threshold)
 
 
 def context_presence(query: PromptStates, memory: BindingMemory, layer: int, centre: torch.Tensor) -> torch.Tensor:
@@ -63,11 +68,24 @@ def gate_scores(memory: BindingMemory, query: PromptStates, layer: int, projecto
     The inferred context is the stored context with the highest presence; the word is retrieved
     among that context's entries by the learned keys.
     """
-    presence = context_presence(query, memory, layer, centre)
-    context_score, best_entry = presence.max(dim=-1)
-    contexts = [b.context for b in memory.bindings]
-    allowed = torch.tensor([[c == contexts[e] for c in contexts] for e in best_entry.tolist()], dtype=torch.bool)
-    index, word_score = retrieve(projector(query.keys["symbol"][layer]), memory.learned_keys(), allowed)
+    return gate_scores_of(memory, query.tokens[layer], query.token_mask,
+                          projector(query.keys["symbol"][layer])[:, None], centre)
+
+
+def gate_scores_of(memory: BindingMemory, tokens: torch.Tensor, token_mask: torch.Tensor, word_keys: torch.Tensor,
+                   centre: torch.Tensor, word_mask: torch.Tensor | None = None, keys_normalised: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`gate_scores` on bare tensors, as a served memory sees them (chapters 2, 5).
+
+    ``tokens`` (prompts x positions x width, real tokens marked by ``token_mask``) are searched for
+    a stored context; ``word_keys`` (prompts x candidates x key_dim) are projected candidate word
+    keys, one per prompt where the word's position is known, every token otherwise (``word_mask``
+    marks the usable ones): the best-matching candidate is the word key (:func:`retrieve_among`).
+    """
+    context_score, best_entry = presence_scores(tokens, token_mask, memory.context_states, centre).max(dim=-1)
+    contexts = memory.context_ids()
+    allowed = contexts[None, :] == contexts[best_entry][:, None]
+    index, word_score = retrieve_among(word_keys, memory.learned_keys(), allowed, word_mask, keys_normalised)
     return context_score, word_score, index
 
 
@@ -195,7 +213,7 @@ def select_values(memory: BindingMemory, mode: str, query: PromptStates, layer: 
         if gate is None:
             raise ParameterError("mode 'gated' needs a ContextGate fitted on training words (fit_gate)")
         context_score, best, index = gate_scores(memory, query, layer, projector, gate.centre)
-        miss = (context_score < gate.context_threshold) | (best < gate.word_threshold)
+        miss = gate.closed(context_score, best)
     else:
         allowed = None
         if mode == "context_gate":

@@ -19,8 +19,8 @@ from torch import nn
 from ..errors import ParameterError
 from ..models import transformer_blocks
 from ..serving import HookedMemory
-from .memory import BindingMemory, KeyProjector, retrieve
-from .selection import ContextGate, presence_scores
+from .memory import BindingMemory, KeyProjector, retrieve_among
+from .selection import ContextGate, gate_scores_of
 
 
 class ServedBinding(HookedMemory):
@@ -46,8 +46,6 @@ class ServedBinding(HookedMemory):
         if len(memory):
             keys = memory.learned_keys() if projector is not None else memory.symbol_states
             self.keys = nn.functional.normalize(keys, dim=-1)
-        contexts = [b.context for b in memory.bindings] if gate is not None else []
-        self.same_context = torch.tensor([[a == b for b in contexts] for a in contexts], dtype=torch.bool)
         self.injected = torch.zeros((), dtype=torch.long)  # a tensor: counting never waits for the device
         self._pending: torch.Tensor | None = None
 
@@ -66,26 +64,18 @@ class ServedBinding(HookedMemory):
     def values_for(self, hidden: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The value each prompt receives and the entry chosen (-1: nothing), from the block's
         states ``hidden`` (prompts x positions x width) and which positions are real tokens (chapters 2, 5)."""
-        batch, length, _ = hidden.shape
-        allowed = None
-        if self.gate is not None:
-            context_score, best_entry = presence_scores(hidden, real, self.memory.context_states,
-                                                        self.gate.centre).max(dim=-1)
-            allowed = self.same_context[best_entry]
         if self.key_position is None:
             candidates, candidate_real = hidden, real
         else:
             candidates, candidate_real = hidden[:, [self.key_position]], real[:, [self.key_position]]
         queries = candidates if self.projector is None else self.projector(candidates)
-        per_token = None if allowed is None else allowed[:, None].expand(-1, candidates.shape[1], -1)
-        index, score = retrieve(queries.flatten(0, 1), self.keys,
-                                None if per_token is None else per_token.flatten(0, 1), keys_normalised=True)
-        score = score.view(batch, -1).masked_fill(~candidate_real, -torch.inf)
-        word_score, best_token = score.max(dim=1)
-        index = index.view(batch, -1).gather(1, best_token[:, None]).squeeze(1)
-        miss = ~torch.isfinite(word_score)
-        if self.gate is not None:
-            miss |= (context_score < self.gate.context_threshold) | (word_score < self.gate.word_threshold)
+        if self.gate is None:
+            index, word_score = retrieve_among(queries, self.keys, None, candidate_real, keys_normalised=True)
+            miss = ~torch.isfinite(word_score)
+        else:
+            context_score, word_score, index = gate_scores_of(self.memory, hidden, real, queries, self.gate.centre,
+                                                              candidate_real, keys_normalised=True)
+            miss = ~torch.isfinite(word_score) | self.gate.closed(context_score, word_score)
         values = self.memory.values[index].masked_fill(miss[:, None], 0.0)
         return values, index.masked_fill(miss, -1)
 
