@@ -501,6 +501,14 @@ def comprehension(model, tokenizer, items: list[dict], memory=None, *, with_evid
     return {"f1": np.array(f1), "answers": answers}
 
 
+def answer_changes(plain: dict, other: dict) -> dict:
+    """How :func:`comprehension` answers moved with a memory (chapters 3, 5): the exact sign test of
+    their token F1 over questions (:func:`fastmem.stats.sign_test`: ``better``, ``worse``,
+    ``unchanged``, ``p_value``) and ``changed``, the number of answers whose text differs."""
+    changed = sum(a != b for a, b in zip(other["answers"], plain["answers"]))
+    return {**stats.sign_test(plain["f1"], other["f1"]), "changed": changed}
+
+
 # ---------------------------------------------------------------------------- the suite
 @dataclass
 class Suite:
@@ -598,4 +606,4 @@ __all__ = ["memory_attached", "reset_memory", "sliding_windows", "perplexity", "
            "timing_ratio", "overhead",
            "TopicScorer", "generate_with_memory", "probe_prompt", "long_generation_probe", "plain_essays",
            "recall_sequence", "teacher_forced_recall", "comprehension_prompt",
-           "comprehension", "Suite", "run_suite", "suite_cell", "summarise"]
+           "comprehension", "answer_changes", "Suite", "run_suite", "suite_cell", "summarise"]

@@ -1,5 +1,8 @@
 """Chapter 5: the minimal benchmark run on every memory, each served inside the forward pass."""
 
+import numpy as np
+
+from fastmem.benchmark import answer_changes
 from fastmem.book import ROOT, execute, glued_values, resolve_parameters
 from fastmem.stats import VERDICTS
 
@@ -7,6 +10,14 @@ from conftest import executed_ci_notebook
 
 CHAPTER_5 = "05_suite.ipynb"
 MEMORIES = ("attractor", "binding_gated", "binding_top1", "latent")
+
+
+def test_answer_changes_count_changed_texts_beside_the_sign_test_of_f1():
+    plain = {"answers": ["Paris", "red", "in May", "two"], "f1": np.array([1.0, 0.0, 0.5, 0.0])}
+    other = {"answers": ["Paris", "blue", "May", "three"], "f1": np.array([1.0, 1.0, 0.5, 0.0])}
+    moved = answer_changes(plain, other)
+    # three texts changed; one of them for the better, two with the same F1 (ties: not in the sign test)
+    assert moved == {"better": 1, "worse": 0, "unchanged": 3, "p_value": 1.0, "changed": 3}
 
 
 def test_chapter_5_on_ci_parameters():
