@@ -13,6 +13,7 @@ independent: :func:`cluster_bootstrap_ci` resamples seeds and then prompts (or q
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats as scipy_stats
@@ -58,10 +59,13 @@ def _codes(labels) -> tuple[np.ndarray, int]:
     return codes.reshape(-1), int(codes.max()) + 1
 
 
-def cluster_weights(clusters, units=None, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
+def cluster_weights(clusters, units=None, n_boot: int = 2000, seed: int = 0, fixed_clusters: bool = False
+                    ) -> np.ndarray:
     """Bootstrap weights ``(n_boot, rows)`` that resample clusters, then units (all chapters).
 
-    Each replicate draws the clusters (seeds) with replacement. Units (prompts, questions) are then
+    Each replicate draws the clusters (seeds) with replacement; with ``fixed_clusters`` every
+    cluster is kept once instead (the right design with only 2-3 seeds, which a bootstrap cannot
+    treat as a sample: the interval is then over units, for these seeds). Units (prompts, questions) are then
     drawn with replacement as well: within each drawn cluster when every unit belongs to one
     cluster (nested design, one fresh draw per copy of the cluster), or once per replicate and
     shared by all clusters when the same unit appears under several clusters (crossed design: the
@@ -72,7 +76,8 @@ def cluster_weights(clusters, units=None, n_boot: int = 2000, seed: int = 0) -> 
     rows = len(clusters)
     units, n_units = _codes(np.arange(rows) if units is None else units)
     rng = np.random.default_rng(seed)
-    cluster_count = rng.multinomial(n_clusters, np.full(n_clusters, 1 / n_clusters), size=n_boot)
+    cluster_count = (np.ones((n_boot, n_clusters), dtype=int) if fixed_clusters else
+                     rng.multinomial(n_clusters, np.full(n_clusters, 1 / n_clusters), size=n_boot))
     unit_clusters = [np.unique(clusters[units == u]) for u in range(n_units)]
     nested = all(len(c) == 1 for c in unit_clusters)
     unit_count = np.zeros((n_boot, n_units))
@@ -90,8 +95,8 @@ def cluster_weights(clusters, units=None, n_boot: int = 2000, seed: int = 0) -> 
     return cluster_count[:, clusters] * unit_count[:, units]
 
 
-def cluster_bootstrap_ci(values, clusters, units=None, n_boot: int = 2000, seed: int = 0, level: float = 0.95
-                         ) -> tuple[float, float, float]:
+def cluster_bootstrap_ci(values, clusters, units=None, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
+                         fixed_clusters: bool = False) -> tuple[float, float, float]:
     """Mean and percentile interval resampling clusters (seeds), then units (prompts; all chapters).
 
     See :func:`cluster_weights` for the resampling. For a paired comparison pass the per-row
@@ -100,14 +105,14 @@ def cluster_bootstrap_ci(values, clusters, units=None, n_boot: int = 2000, seed:
     values = np.asarray(values, dtype=float)
     if values.size == 0:
         return (float("nan"), float("nan"), float("nan"))
-    weights = cluster_weights(clusters, units, n_boot, seed)
+    weights = cluster_weights(clusters, units, n_boot, seed, fixed_clusters)
     with np.errstate(divide="ignore", invalid="ignore"):
         means = weights @ values / weights.sum(axis=1)
     return (float(values.mean()), *_percentiles(means, level))
 
 
 def paired_change(plain, other, relative: bool, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
-                  clusters=None, units=None) -> dict:
+                  clusters=None, units=None, fixed_clusters: bool = False) -> dict:
     """Change of a mean (``other - plain``), absolute or in percent of the plain mean, with a paired
     bootstrap interval (chapters 3 and 4).
 
@@ -120,7 +125,7 @@ def paired_change(plain, other, relative: bool, n_boot: int = 2000, seed: int = 
         picks = np.random.default_rng(seed).integers(0, len(plain), size=(n_boot, len(plain)))
         p, o = plain[picks].mean(1), other[picks].mean(1)
     else:
-        weights = cluster_weights(clusters, units, n_boot, seed)
+        weights = cluster_weights(clusters, units, n_boot, seed, fixed_clusters)
         total = weights.sum(axis=1)
         p, o = weights @ plain / total, weights @ other / total
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -129,6 +134,37 @@ def paired_change(plain, other, relative: bool, n_boot: int = 2000, seed: int = 
     low, high = _percentiles(boot, level)
     return {"plain": float(plain.mean()), "memory": float(other.mean()), "change": float(point),
             "low": low, "high": high}
+
+
+def block_bootstrap_change(plain, other, relative: bool, block_length: int | None = None, n_boot: int = 2000,
+                           seed: int = 0, level: float = 0.95) -> dict:
+    """Change of a mean over a sequence of windows that share state, with a moving block bootstrap (chapters 3, 5).
+
+    Consecutive windows of one stream are not independent when a memory carries state from one to
+    the next, so an iid bootstrap over windows is too narrow. Blocks of ``block_length``
+    consecutive windows are resampled with the pair (plain, other) kept together
+    (``arch.bootstrap.MovingBlockBootstrap``). Without ``block_length`` it is chosen from the
+    per-window differences by Politis and White's rule (``arch.bootstrap.optimal_block_length``),
+    which depends on the dependence of the series, not on the result. Returns the keys of
+    :func:`paired_change` and ``block_length``.
+    """
+    from arch.bootstrap import MovingBlockBootstrap, optimal_block_length
+
+    plain, other = np.asarray(plain, float), np.asarray(other, float)
+    if block_length is None:
+        optimal = optimal_block_length(other - plain)["circular"].iloc[0]
+        block_length = int(min(len(plain), max(1, np.ceil(optimal)))) if np.isfinite(optimal) else 1
+
+    def change(p, o):
+        return 100 * (o.mean() - p.mean()) / p.mean() if relative else o.mean() - p.mean()
+
+    bootstrap = MovingBlockBootstrap(block_length, plain, other, seed=np.random.default_rng(seed))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boot = bootstrap.apply(lambda p, o: np.array([change(p, o)]), n_boot).ravel()
+        point = change(plain, other)
+    low, high = _percentiles(boot, level)
+    return {"plain": float(plain.mean()), "memory": float(other.mean()), "change": float(point),
+            "low": low, "high": high, "block_length": int(block_length)}
 
 
 def paired_bootstrap(statistic: Callable[[np.ndarray], np.ndarray], n_items: int, n_boot: int = 2000,
@@ -182,6 +218,45 @@ def sign_test(plain, other) -> dict:
     better, worse = int((diff > 0).sum()), int((diff < 0).sum())
     p_value = 1.0 if better + worse == 0 else float(scipy_stats.binomtest(better, better + worse).pvalue)
     return {"better": better, "worse": worse, "unchanged": int((diff == 0).sum()), "p_value": p_value}
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """The per-item difference ``other - plain`` of two conditions on the same items (all chapters).
+
+    ``difference`` is the mean with its bootstrap interval (``low``, ``high``), resampled as the
+    design asks; ``p_value`` is the exact paired test (McNemar's on 0/1 outcomes, the sign test
+    otherwise); ``detectable`` is the smallest true difference this interval detects with 80% power.
+    """
+
+    plain: float
+    other: float
+    difference: float
+    low: float
+    high: float
+    p_value: float
+    better: int
+    worse: int
+    detectable: float
+
+
+def paired_difference(plain, other, clusters=None, units=None, n_boot: int = 2000, seed: int = 0,
+                      fixed_clusters: bool = False) -> PairedDifference:
+    """Two conditions compared on the same items: difference, interval, exact paired test (all chapters).
+
+    The interval resamples the per-item differences (pairs stay together) with
+    :func:`cluster_bootstrap_ci` when ``clusters`` are given, else items independently.
+    """
+    plain, other = np.asarray(plain, float), np.asarray(other, float)
+    diff = other - plain
+    if clusters is None:
+        _, low, high = bootstrap_ci(diff, n_boot=n_boot, seed=seed)
+    else:
+        _, low, high = cluster_bootstrap_ci(diff, clusters, units, n_boot, seed, fixed_clusters=fixed_clusters)
+    test = sign_test(plain, other)
+    return PairedDifference(plain=float(plain.mean()), other=float(other.mean()), difference=float(diff.mean()),
+                            low=low, high=high, p_value=test["p_value"], better=test["better"],
+                            worse=test["worse"], detectable=minimum_detectable_effect(low, high))
 
 
 def permutation_test(plain, other, n_resamples: int = 10_000, seed: int = 0) -> float:

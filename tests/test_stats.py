@@ -98,6 +98,50 @@ def test_paired_change_with_clusters_is_wider_than_items():
     assert clustered["high"] - clustered["low"] > 2 * (items["high"] - items["low"])
 
 
+def test_fixed_seeds_resample_units_only():
+    # Two seeds far apart: resampling seeds spreads the interval over both means; fixed seeds do not.
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.normal(0, 1, 100), rng.normal(5, 1, 100)])
+    seeds, units = np.repeat([0, 1], 100), np.arange(200)
+    _, low, high = stats.cluster_bootstrap_ci(values, seeds, units)
+    _, fixed_low, fixed_high = stats.cluster_bootstrap_ci(values, seeds, units, fixed_clusters=True)
+    assert fixed_high - fixed_low < 0.25 * (high - low)
+    # With seeds fixed, the interval is the stratified bootstrap's: each seed's share is kept.
+    expected = 2 * 1.96 * np.sqrt((values[:100].var() + values[100:].var()) / 2 / 200)
+    assert fixed_high - fixed_low == pytest.approx(expected, rel=0.15)
+
+
+def test_block_bootstrap_is_wider_than_iid_for_dependent_windows():
+    rng = np.random.default_rng(0)
+    carried = np.zeros(600)
+    for i in range(1, 600):
+        carried[i] = 0.9 * carried[i - 1] + rng.normal()
+    plain = 5 + 0.1 * rng.normal(size=600)
+    other = plain + 0.1 * carried
+    iid = stats.paired_change(plain, other, relative=True)
+    block = stats.block_bootstrap_change(plain, other, relative=True)
+    assert block["change"] == pytest.approx(iid["change"])
+    assert block["block_length"] > 5
+    assert block["high"] - block["low"] > 2 * (iid["high"] - iid["low"])
+    one = stats.block_bootstrap_change(plain, other, relative=True, block_length=1)
+    assert one["high"] - one["low"] == pytest.approx(iid["high"] - iid["low"], rel=0.15)
+
+
+def test_paired_difference_is_mcnemars_exact_test_on_binary_outcomes():
+    # Worked example: 10 items right only with the memory, 2 only without; exact McNemar
+    # p = 2 * P(X <= 2 | n = 12, 1/2) = 2 * (1 + 12 + 66) / 4096 = 0.03857.
+    plain = np.array([0] * 10 + [1] * 2 + [1] * 20 + [0] * 8)
+    other = np.array([1] * 10 + [0] * 2 + [1] * 20 + [0] * 8)
+    result = stats.paired_difference(plain, other)
+    assert result.p_value == pytest.approx(2 * 79 / 4096)
+    assert (result.better, result.worse) == (10, 2)
+    assert result.difference == pytest.approx(8 / 40)
+    assert result.low < result.difference < result.high
+    assert result.detectable == pytest.approx(stats.minimum_detectable_effect(result.low, result.high))
+    from statsmodels.stats.contingency_tables import mcnemar
+    assert result.p_value == pytest.approx(mcnemar([[20, 2], [10, 8]], exact=True).pvalue)
+
+
 def test_paired_bootstrap_of_a_ratio():
     nll_plain, nll_other = np.full(20, 10.0), np.full(20, 11.0)
     low, high = stats.paired_bootstrap(lambda picks: nll_other[picks].sum(1) / nll_plain[picks].sum(1), 20)
