@@ -41,10 +41,10 @@ def html_table(frame, uuid: str, caption: str | None = None, precision: int = 3,
     """A DataFrame as an HTML table that wraps inside the page column (chapter 2).
 
     ``uuid`` fixes the table's HTML id, so that an executed notebook's output is the same on every
-    run (nbval checks it); cells wrap instead of widening the page; the index is hidden unless it
-    means something (``index=True``).
+    run (nbval checks it); text is escaped, so a cell reading "p < 0.05" stays text; cells wrap
+    instead of widening the page; the index is hidden unless it means something (``index=True``).
     """
-    styler = frame.style.set_uuid(uuid).format(precision=precision)
+    styler = frame.style.set_uuid(uuid).format(precision=precision, escape="html")
     if caption:
         styler = styler.set_caption(caption)
     styler = styler.set_table_styles([{"selector": "th, td", "props": "white-space: normal; font-size: 0.85em;"}])

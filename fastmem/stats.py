@@ -128,9 +128,18 @@ def paired_change(plain, other, relative: bool, n_boot: int = 2000, seed: int = 
         weights = cluster_weights(clusters, units, n_boot, seed, fixed_clusters)
         total = weights.sum(axis=1)
         p, o = weights @ plain / total, weights @ other / total
+    return _change(plain, other, p, o, relative, level)
+
+
+def _change(plain: np.ndarray, other: np.ndarray, plain_boot: np.ndarray, other_boot: np.ndarray, relative: bool,
+            level: float) -> dict:
+    """The change of the mean and its percentile interval from resampled means of both conditions."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        boot = 100 * (o - p) / p if relative else o - p
-        point = 100 * (other.mean() - plain.mean()) / plain.mean() if relative else other.mean() - plain.mean()
+        if relative:
+            boot = 100 * (other_boot - plain_boot) / plain_boot
+            point = 100 * (other.mean() - plain.mean()) / plain.mean()
+        else:
+            boot, point = other_boot - plain_boot, other.mean() - plain.mean()
     low, high = _percentiles(boot, level)
     return {"plain": float(plain.mean()), "memory": float(other.mean()), "change": float(point),
             "low": low, "high": high}
@@ -155,16 +164,9 @@ def block_bootstrap_change(plain, other, relative: bool, block_length: int | Non
         optimal = optimal_block_length(other - plain)["circular"].iloc[0]
         block_length = int(min(len(plain), max(1, np.ceil(optimal)))) if np.isfinite(optimal) else 1
 
-    def change(p, o):
-        return 100 * (o.mean() - p.mean()) / p.mean() if relative else o.mean() - p.mean()
-
     bootstrap = MovingBlockBootstrap(block_length, plain, other, seed=np.random.default_rng(seed))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        boot = bootstrap.apply(lambda p, o: np.array([change(p, o)]), n_boot).ravel()
-        point = change(plain, other)
-    low, high = _percentiles(boot, level)
-    return {"plain": float(plain.mean()), "memory": float(other.mean()), "change": float(point),
-            "low": low, "high": high, "block_length": int(block_length)}
+    means = bootstrap.apply(lambda p, o: np.array([p.mean(), o.mean()]), n_boot)
+    return {**_change(plain, other, means[:, 0], means[:, 1], relative, level), "block_length": int(block_length)}
 
 
 def paired_bootstrap(statistic: Callable[[np.ndarray], np.ndarray], n_items: int, n_boot: int = 2000,
@@ -380,12 +382,13 @@ def verdict_at_most(low: float, high: float, limit: float) -> str:
     return DOES_NOT_HOLD if low > limit else INCONCLUSIVE
 
 
-def verdict_with_control(verdict: str, control_passed: bool) -> str:
-    """A verdict after its positive control (chapters 3 and 4): a null ("does not hold") whose positive
+def verdict_with_control(verdict: str, control_passed: bool, demotes=(DOES_NOT_HOLD,)) -> str:
+    """A verdict after its positive control (all chapters): a null ("does not hold") whose positive
     control failed, so that the test could not have found the effect, becomes "inconclusive";
-    every other verdict is returned unchanged.
+    every other verdict is returned unchanged. ``demotes`` names other verdicts a failed control
+    voids (chapter 5: a "preserved" measure holds only if the benchmark can see a change).
     """
-    return INCONCLUSIVE if verdict == DOES_NOT_HOLD and not control_passed else verdict
+    return INCONCLUSIVE if verdict in demotes and not control_passed else verdict
 
 
 def verdict_all(verdicts, complete: bool = True) -> str:
@@ -403,50 +406,6 @@ def verdict_all(verdicts, complete: bool = True) -> str:
     if any(v in (HOLDS, PARTLY) for v in verdicts):
         return PARTLY
     return DOES_NOT_HOLD if DOES_NOT_HOLD in verdicts else INCONCLUSIVE
-
-
-def verdict_effect_decidable(low: float, high: float, claimed: float, *, can_detect: bool,
-                             control_detected: bool = True, exact_p: float | None = None, alpha: float = 0.05,
-                             null: float = 0.0) -> str:
-    """:func:`verdict_effect`, but "inconclusive" wherever the test could not have decided (chapter 3).
-
-    - inconclusive when ``can_detect`` is false (for example the smallest detectable effect exceeds
-      the claimed one, or fewer items changed than a sign test needs), when the interval is a
-      single point (``low >= high``: a degenerate bootstrap, not certainty) or NaN;
-    - a "does not hold" stays so only if ``control_detected`` (a positive control showed the test
-      can see an effect), else it is inconclusive;
-    - an effect found by the interval ("holds" or "partly") counts only if the exact paired test
-      agrees (``exact_p < alpha``, when given): a percentile bootstrap over few units is
-      anti-conservative, so where the two disagree the verdict is inconclusive;
-    - otherwise :func:`verdict_effect`.
-    """
-    if not can_detect or not (np.isfinite(low) and np.isfinite(high)) or low >= high:
-        return INCONCLUSIVE
-    verdict = verdict_with_control(verdict_effect(low, high, claimed, null), control_detected)
-    if verdict in (HOLDS, PARTLY) and exact_p is not None and not exact_p < alpha:
-        return INCONCLUSIVE
-    return verdict
-
-
-def verdict_preserved(low: float, high: float, band: float, *, identical: bool = False,
-                      control_detected: bool = True) -> str:
-    """Verdict on "attaching the memory preserves the measure within ``±band``" (chapter 5).
-
-    - holds, by identity, when every scored item is bit-identical to the plain model's
-      (``identical``): nothing changed, so no interval is needed;
-    - inconclusive when the interval is a single point or NaN (a degenerate bootstrap is not
-      evidence of no change);
-    - otherwise :func:`verdict_within`;
-    - a "holds" becomes inconclusive unless ``control_detected``: a positive control (a memory known
-      to change the measure) showed that the benchmark can see a change.
-    """
-    if identical:
-        verdict = HOLDS
-    elif np.isfinite(low) and np.isfinite(high) and low < high:
-        verdict = verdict_within(low, high, band)
-    else:
-        verdict = INCONCLUSIVE
-    return INCONCLUSIVE if verdict == HOLDS and not control_detected else verdict
 
 
 def verdict_at_least(low: float, high: float, floor: float) -> str:

@@ -39,13 +39,11 @@ MUTANTS = (
     Mutant("paired change reports its point as its interval", "fastmem/stats.py",
            "low, high = _percentiles(boot, level)", "low = high = float(point)", "tests/test_stats.py"),
     Mutant("a failed positive control no longer makes a null inconclusive", "fastmem/stats.py",
-           "return INCONCLUSIVE if verdict == DOES_NOT_HOLD and not control_passed else verdict",
+           "return INCONCLUSIVE if verdict in demotes and not control_passed else verdict",
            "return verdict", "tests/test_stats.py"),
-    Mutant("the exact test no longer vetoes a bootstrap effect", "fastmem/stats.py",
-           "if verdict in (HOLDS, PARTLY) and exact_p is not None and not exact_p < alpha:",
-           "if False:", "tests/test_stats.py"),
-    Mutant("a degenerate interval is accepted as certainty", "fastmem/stats.py",
-           "or low >= high:", "or False:", "tests/test_stats.py"),
+    Mutant("a degenerate interval is accepted as certainty", "fastmem/verdicts.py",
+           "if low >= high:  # a single point: a degenerate bootstrap, not certainty", "if False:",
+           "tests/test_verdicts.py"),
     Mutant("timing ratio interval collapsed", "fastmem/benchmark.py",
            "low, high = stats.paired_bootstrap(lambda picks: 100 * (np.median(ratios[picks], axis=1) - 1),",
            "low = high = 100 * (np.median(ratios) - 1); (lambda picks: 100 * (np.median(ratios[picks], axis=1) - 1),",
@@ -86,9 +84,24 @@ MUTANTS = (
     Mutant("served latent adapter never reads", "fastmem/latent/serving.py",
            "changed = hidden + self.adapter.residual(hidden, bank.to(hidden.dtype)).to(hidden.dtype)",
            "changed = hidden", "tests/test_latent.py"),
-    Mutant("a preserved measure holds without the benchmark's positive control", "fastmem/stats.py",
-           "return INCONCLUSIVE if verdict == HOLDS and not control_detected else verdict",
-           "return verdict", "tests/test_stats.py"),
+    Mutant("a comparison holds without its paired test", "fastmem/verdicts.py",
+           'if not _number(spec["p"], glued) < float(spec.get("alpha", 0.05)):', "if False:",
+           "tests/test_verdicts.py"),
+    Mutant("an underpowered test decides", "fastmem/verdicts.py",
+           "if not math.isfinite(detectable) or detectable > size:", "if False:", "tests/test_verdicts.py"),
+    Mutant("the engine ignores a failed positive control", "fastmem/verdicts.py",
+           'verdict = stats.verdict_with_control(verdict, bool(_value(spec["control"], glued)), demotes)', "pass",
+           "tests/test_verdicts.py"),
+    Mutant("a registered rule is rewritten without a deviation", "fastmem/verdicts.py",
+           "if later[:len(first)] != first:", "if False:", "tests/test_verdicts.py"),
+    Mutant("windows that share state are resampled one by one", "fastmem/stats.py",
+           "bootstrap = MovingBlockBootstrap(block_length, plain, other, seed=np.random.default_rng(seed))",
+           "bootstrap = MovingBlockBootstrap(1, plain, other, seed=np.random.default_rng(seed))",
+           "tests/test_stats.py"),
+    Mutant("fixed seeds are resampled anyway", "fastmem/stats.py",
+           "cluster_count = (np.ones((n_boot, n_clusters), dtype=int) if fixed_clusters else",
+           "cluster_count = (np.ones((n_boot, n_clusters), dtype=int) if False else",
+           "tests/test_stats.py"),
 )
 
 
@@ -106,7 +119,7 @@ def tests_pass(tests: list[str], mutant: Mutant | None = None) -> bool:
     """Do ``tests`` pass in a fresh copy of the tracked tree, with ``mutant`` applied if given?"""
     with tempfile.TemporaryDirectory() as folder:
         copy = Path(folder)
-        tracked = subprocess.run(["git", "ls-files", "fastmem", "tests", "data", "notebooks", "params",
+        tracked = subprocess.run(["git", "ls-files", "fastmem", "tests", "data", "notebooks", "params", "plans",
                                   "pyproject.toml"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
         for name in tracked:
             (copy / name).parent.mkdir(parents=True, exist_ok=True)

@@ -235,6 +235,12 @@ def test_verdict_with_control(verdict, passed, expected):
     assert stats.verdict_with_control(verdict, passed) == expected
 
 
+def test_a_failed_control_can_void_a_holds_where_the_rule_says_so():
+    assert stats.verdict_with_control(HOLDS, False, demotes=(HOLDS,)) == INCONCLUSIVE
+    assert stats.verdict_with_control(HOLDS, True, demotes=(HOLDS,)) == HOLDS
+    assert stats.verdict_with_control(DOES_NOT_HOLD, False, demotes=(HOLDS,)) == DOES_NOT_HOLD
+
+
 @pytest.mark.parametrize("verdicts, complete, expected", [
     ([HOLDS, HOLDS], True, HOLDS), ([HOLDS, HOLDS], False, PARTLY), ([HOLDS, DOES_NOT_HOLD], True, PARTLY),
     ([PARTLY, INCONCLUSIVE], True, PARTLY), ([DOES_NOT_HOLD, INCONCLUSIVE], True, DOES_NOT_HOLD),
@@ -242,19 +248,6 @@ def test_verdict_with_control(verdict, passed, expected):
 ])
 def test_verdict_all(verdicts, complete, expected):
     assert stats.verdict_all(verdicts, complete) == expected
-
-
-def test_verdict_effect_decidable_is_inconclusive_where_the_test_cannot_decide():
-    assert stats.verdict_effect_decidable(-95, -60, claimed=-80, can_detect=True) == "holds"
-    assert stats.verdict_effect_decidable(-95, -60, claimed=-80, can_detect=False) == "inconclusive"
-    assert stats.verdict_effect_decidable(-100, -100, claimed=-80, can_detect=True) == "inconclusive"  # degenerate
-    assert stats.verdict_effect_decidable(-10, 5, claimed=-80, can_detect=True) == "does not hold"
-    assert stats.verdict_effect_decidable(-10, 5, claimed=-80, can_detect=True, control_detected=False) == "inconclusive"
-    assert stats.verdict_effect_decidable(float("nan"), 5, claimed=3.3, can_detect=True) == "inconclusive"
-    # an interval that excludes zero while the exact test does not reject: the two disagree
-    assert stats.verdict_effect_decidable(-95, -20, claimed=-80, can_detect=True, exact_p=0.22) == "inconclusive"
-    assert stats.verdict_effect_decidable(-95, -20, claimed=-80, can_detect=True, exact_p=0.01) == "holds"
-    assert stats.verdict_effect_decidable(-10, 5, claimed=-80, can_detect=True, exact_p=0.9) == "does not hold"
 
 
 def test_verdict_at_least_mirrors_at_most():
@@ -274,17 +267,3 @@ def test_share_ci_is_the_wilson_interval_of_the_counted_successes():
     share, low, high = stats.share_ci(81 / 263, 263)
     assert share == pytest.approx(81 / 263)
     assert (low, high) == pytest.approx(stats.wilson_interval(81, 263))
-
-
-@pytest.mark.parametrize("low, high, identical, control, expected", [
-    (0.0, 0.0, True, True, "holds"),  # nothing changed: holds by identity, not by a degenerate interval
-    (0.0, 0.0, False, True, "inconclusive"),
-    (-0.3, 0.4, False, True, "holds"),
-    (-0.3, 0.4, False, False, "inconclusive"),  # the benchmark could not see a known change
-    (0.0, 0.0, True, False, "inconclusive"),
-    (1.5, 2.0, False, False, "does not hold"),
-    (0.5, 1.5, False, True, "partly"),
-    (float("nan"), 0.2, False, True, "inconclusive"),
-])
-def test_verdict_preserved(low, high, identical, control, expected):
-    assert stats.verdict_preserved(low, high, 1.0, identical=identical, control_detected=control) == expected
