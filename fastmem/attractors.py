@@ -414,3 +414,43 @@ def switch_summary(positions, n_before: int) -> dict:
     lag = int(crossed[0]) + 1 if crossed.size else len(after) + 1
     snapped = bool(crossed.size and (after[crossed[0]:] > 0).any())
     return {"lag": lag, "old_share": float((after > 0).mean()), "snapped": float(snapped)}
+
+
+# The two operating-point rules of chapter 3's plan (plans/03.yaml), by the name the plan gives them.
+OPERATING_RULES = ("strongest within the band", "strongest acting within the band, whole and late")
+
+
+def qualifying(candidates, band: float, rule: str):
+    """Which rows of the development table qualify under an operating-point rule (chapter 3, section 3.2).
+
+    ``candidates`` has one row per candidate with ``feedback`` (strength), ``configuration``
+    ("ungated" or "gating + burn-in"), ``acts`` (its feedback changed the loss of at least one
+    development window), ``dev change %`` (perplexity change over the whole development stream)
+    and ``2nd half %`` (over its second half).
+
+    - ``"strongest within the band"`` (the rule as first registered): the whole-stream change is
+      within ``±band`` percent;
+    - ``"strongest acting within the band, whole and late"`` (the rule the chapter uses now): the
+      candidate acts, and its change is within ``±band`` over the whole stream and its second half.
+    """
+    if rule not in OPERATING_RULES:
+        raise ParameterError(f"operating-point rule {rule!r}: expected one of {OPERATING_RULES}")
+    if rule == OPERATING_RULES[0]:
+        return candidates["dev change %"].abs() <= band
+    within = (candidates[["dev change %", "2nd half %"]].abs() <= band).all(axis=1)
+    return within & candidates["acts"].astype(bool)
+
+
+def operating_point(candidates, band: float, rule: str):
+    """The row of the development table that an operating-point rule picks (chapter 3, section 3.2).
+
+    Both rules take the strongest qualifying feedback (:func:`qualifying`), the ungated candidate
+    before a gated one of the same strength. With none qualifying, the rule as first registered
+    takes the first row of the weakest strength, the rule used now the weakest ungated candidate.
+    """
+    qualified = candidates[qualifying(candidates, band, rule)]
+    if len(qualified):
+        strongest = qualified[qualified["feedback"] == qualified["feedback"].max()]
+        return strongest.sort_values("configuration", key=lambda c: c != "ungated", kind="stable").iloc[0]
+    fallback = candidates if rule == OPERATING_RULES[0] else candidates[candidates["configuration"] == "ungated"]
+    return fallback.sort_values("feedback", kind="stable").iloc[0]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fastmem import benchmark as bm
-from fastmem import evaluation, stats
-from fastmem.attractors import (ATTRACTOR_SITES, AttractorConfig, AttractorLayer, effect_summary, stream_effect,
-                                switch_summary, topic_switch)
+from fastmem import evaluation, stats, verdicts
+from fastmem.attractors import (ATTRACTOR_SITES, OPERATING_RULES, AttractorConfig, AttractorLayer, effect_summary,
+                                operating_point, qualifying, stream_effect, switch_summary, topic_switch)
 from fastmem.book import glued_values
 from fastmem.data import load_recall_probes
 from fastmem.errors import ParameterError
@@ -320,7 +320,9 @@ def test_ci_run_glues_sane_values():
     assert isinstance(values["attractor_operating_point"], str) and "feedback strength" in values["attractor_operating_point"]
     # a layer with a small feedback must not wreck perplexity; the interval must bracket its estimate
     assert -5 < values["attractor_ppl_delta_pct"] < 5
-    assert values["attractor_ppl_delta_low"] <= values["attractor_ppl_delta_pct"] <= values["attractor_ppl_delta_high"]
+    # (the block interval weighs windows equally, the estimate tokens: equal up to rounding here)
+    low, high = values["attractor_ppl_delta_low"] - 1e-9, values["attractor_ppl_delta_high"] + 1e-9
+    assert low <= values["attractor_ppl_delta_pct"] <= high
     assert 1 < values["attractor_ppl_plain"] < 200
     assert values["attractor_ppl_tokens"] == 508  # params/ci/03.yaml: 512 tokens, 4 windows of 128 scoring 127
     # a few cosines per pass cannot double the cost of a forward pass
@@ -355,7 +357,14 @@ def test_ci_run_glues_sane_values():
     assert 0 <= values["attractor_snap_back_share"] <= 1
     assert 0 <= values["attractor_snapped_share_low"] <= values["attractor_snapped_share_high"] <= 1
     for key in ("ppl", "overhead", "long", "gated", "k", "decay", "snap"):
-        assert values[f"attractor_verdict_{key}"] in ("holds", "partly", "does not hold", "inconclusive"), key
+        assert values[f"attractor_verdict_{key}"] in verdicts.VERDICTS, key
+    # params/ci/03.yaml: 4 perplexity windows, too few for Politis and White's rule: one block, one point
+    assert values["attractor_ppl_block_length"] == 4
+    assert values["attractor_ppl_delta_low"] == values["attractor_ppl_delta_high"]
+    assert values["attractor_verdict_ppl"] == "inconclusive"
+    # every verdict is the plan's, under every rule of its history
+    for decided in verdicts.decide_plan(verdicts.load_plan("03"), values):
+        assert values[decided.claim.glue] == decided.verdict, decided.claim.id
 
 
 @pytest.mark.parametrize("fixture", ["tiny_neox", "smollm2"])
@@ -387,3 +396,55 @@ def test_suite_cell_writes_value_change_and_interval():
     row = {"memory": 0.5123, "change": 1.2, "low": 0.4, "high": 2.0, "unit": "% change"}
     assert bm.suite_cell(row) == "0.512 (+1.200% [+0.400, +2.000])"
     assert bm.suite_cell({**row, "unit": "absolute change"}) == "0.512 (+1.200 [+0.400, +2.000])"
+
+
+# the development table of the default run (section 3.2), as the chapter printed it
+DEV_TABLE = {"feedback": [0.5, 0.5, 1.0, 1.0, 2.0, 2.0],
+             "configuration": ["ungated", "gating + burn-in"] * 3,
+             "acts": [True, False] * 3,
+             "dev change %": [0.085, 0.0, 0.802, 0.0, 3.956, 0.0],
+             "2nd half %": [0.183, 0.0, 1.361, 0.0, 6.456, 0.0]}
+
+
+def test_operating_point_rules_on_the_default_development_table():
+    import pandas as pd
+
+    table = pd.DataFrame(DEV_TABLE)
+    first, current = (operating_point(table, 1.0, rule) for rule in OPERATING_RULES)
+    # the rule as first registered takes the strongest feedback within the band: a gate that never opens
+    assert (first["feedback"], first["configuration"]) == (2.0, "gating + burn-in")
+    # the rule used now asks that the layer act and that the second half stay within the band
+    assert (current["feedback"], current["configuration"]) == (0.5, "ungated")
+    assert [int(qualifying(table, 1.0, rule).sum()) for rule in OPERATING_RULES] == [5, 1]
+    # with nothing qualifying: the weakest candidate (first rule) or the weakest ungated one (rule used now)
+    worse = table.assign(**{"dev change %": 5.0})
+    assert (operating_point(worse, 1.0, OPERATING_RULES[1])["configuration"]) == "ungated"
+    assert operating_point(worse, 1.0, OPERATING_RULES[0])["feedback"] == 0.5
+    with pytest.raises(ParameterError):
+        qualifying(table, 1.0, "loosest")
+
+
+def test_block_bootstrap_perplexity_change():
+    rng = np.random.default_rng(0)
+    tokens = np.full(40, 100)
+    loss = np.cumsum(rng.normal(0, 0.05, 40)) + 3.0  # a slowly wandering per-token loss: dependent windows
+    plain = {"nll": loss * tokens, "tokens": tokens, "ppl": float(np.exp(loss.mean()))}
+    layered_loss = loss + 0.01 + np.cumsum(rng.normal(0, 0.01, 40))
+    other = {"nll": layered_loss * tokens, "tokens": tokens, "ppl": float(np.exp(layered_loss.mean()))}
+    iid = bm.perplexity_change(plain, other, n_boot=500, seed=0)
+    block = bm.perplexity_change(plain, other, n_boot=500, seed=0, block_bootstrap=True)
+    assert block["change_pct"] == iid["change_pct"] and block["block_length"] > 1
+    assert block["low"] <= block["change_pct"] <= block["high"]
+    assert block["high"] - block["low"] > iid["high"] - iid["low"], "dependent windows widen the interval"
+    # too few windows for Politis and White's rule: the stream is one block and the interval one point
+    few = {key: (value[:4] if key != "ppl" else value) for key, value in plain.items()}
+    few_other = {key: (value[:4] if key != "ppl" else value) for key, value in other.items()}
+    short = bm.perplexity_change(few, few_other, n_boot=100, seed=0, block_bootstrap=True)
+    assert short["block_length"] == 4 and short["low"] == short["high"]
+
+
+def test_instability_rule_needs_several_active_attractors():
+    rule = verdicts.load_plan("03").claim("many_attractors_unstable").rule.spec
+    values = {"attractor_kl_ratio_low": 5.0, "attractor_kl_ratio_high": 9.0}
+    assert verdicts.decide_rule(rule, {**values, "attractor_several_active_on_most_passes": "yes"}) == "holds"
+    assert verdicts.decide_rule(rule, {**values, "attractor_several_active_on_most_passes": "no"}) == "inconclusive"

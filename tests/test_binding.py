@@ -531,3 +531,61 @@ def test_served_gated_memory_leaves_unrelated_text_bit_identical_and_answers_its
         answers.append(tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True))
     assert int(served.injected) >= len(bindings) - 1  # with no known key position the gate still opens on reads
     assert fb.exact_match(answers, labels).mean() >= 0.6
+
+
+def test_score_records_resample_a_word_with_both_of_its_prompts():
+    """Chapter 2's items: a word's prompts in both contexts are one item; an unrelated question is its own."""
+    bindings = [tasks.Binding("zorp", "Mars", "red"), tasks.Binding("zorp", "Venus", "blue")]
+    scores = {"read": torch.tensor([1.0, 0.0]), "unrelated_any": torch.tensor([0.0])}
+    records = fb.score_records(3, "seen", "gated", scores, bindings, ["q1"])
+    assert [r["item"] for r in records] == ["3:zorp", "3:zorp", "q:q1"]
+    assert [r["unit"] for r in records][:2] == ["3:zorp:Mars", "3:zorp:Venus"]
+
+
+def _scores_frame():
+    import pandas as pd
+
+    rows = []
+    for seed in (0, 1):
+        for word in range(6):
+            for context, hit in (("A", word % 2), ("B", 1)):
+                for row, score in (("both_top1", hit), ("raw_both_top1", 0.0)):
+                    rows.append({"seed": seed, "experiment": "seen", "row": row, "column": "read",
+                                 "unit": f"{seed}:w{word}:{context}", "item": f"{seed}:w{word}", "score": score})
+    return pd.DataFrame(rows)
+
+
+def test_rate_intervals_keep_the_seeds_fixed_and_resample_items():
+    """With seeds fixed, a seed whose items all score the same has no spread; resampling seeds would add one."""
+    import pandas as pd
+
+    frame = pd.DataFrame([{"seed": seed, "experiment": "seen", "row": "gated", "column": "read",
+                           "unit": f"{seed}:w{i}:A", "item": f"{seed}:w{i}", "score": float(seed)}
+                          for seed in (0, 1) for i in range(8)])
+    fixed = fb.rate_intervals(frame, 500)[("seen", "gated", "read")]
+    resampled = fb.rate_intervals(frame, 500, seeds_fixed=False)[("seen", "gated", "read")]
+    assert fixed == (0.5, 0.5, 0.5)
+    assert resampled[0] == 0.5 and resampled[1] < 0.5 < resampled[2]
+
+
+def test_paired_rows_align_two_memories_on_the_same_prompts():
+    frame = _scores_frame()
+    paired = fb.paired_rows(frame.sample(frac=1.0, random_state=0), "seen", "read", ["both_top1", "raw_both_top1"])
+    assert len(paired) == 24 and {"seed", "unit", "item"} <= set(paired.columns)
+    assert paired["raw_both_top1"].eq(0.0).all()
+    expected = [1.0 if unit.endswith(":B") else float(int(unit.split(":")[1][1:]) % 2) for unit in paired["unit"]]
+    assert paired["both_top1"].tolist() == expected
+    with pytest.raises(KeyError):
+        fb.paired_rows(frame, "seen", "read", ["both_top1", "gated"])
+
+
+def test_the_earlier_comparison_rule_is_decided_as_chapter_2_decided_it():
+    """The plan's ``below`` kind, kept for chapter 2's earlier rules, is stats.verdict_below on glued triples."""
+    from fastmem import stats, verdicts
+
+    rule = {"kind": "below", "worse": {"mean": "wm", "low": "wl", "high": "wh"},
+            "better": {"mean": "bm", "low": "bl", "high": "bh"}}
+    for worse in ((0.51, 0.43, 0.60), (0.30, 0.20, 0.40), (0.90, 0.85, 0.95), (0.60, 0.50, 0.70)):
+        better = (0.556, 0.47, 0.64)
+        glued = dict(zip(("wm", "wl", "wh", "bm", "bl", "bh"), (*worse, *better)))
+        assert verdicts.decide_rule(rule, glued) == stats.verdict_below(worse, better)

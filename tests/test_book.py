@@ -51,6 +51,18 @@ def test_chapter_1_headline_numbers_on_ci_parameters():
     assert values["value_target_rank_median"] > 10
 
 
+def test_chapter_1_chooses_the_single_step_on_write_prompts_and_estimates_it_on_read_questions():
+    values = glued_values(executed_ci_notebook(CHAPTER_1))
+    site = values["value_single_step_site"]
+    assert values["value_single_step_best_share"] == max(values["flip_share_best_post_norm"],
+                                                         values["flip_share_best_pre_norm"])
+    assert values["value_single_step_best_share"] == values[f"flip_share_best_{site}"]
+    assert values["value_single_step_low"] <= values["value_single_step_share"] <= values["value_single_step_high"]
+    # the earlier rules' Wilson interval on the best of the grid is still glued, so the plan can decide them
+    assert values["value_single_step_best_low"] <= values["value_single_step_best_share"] <= values["value_single_step_best_high"]
+    assert values["value_control_detected"] in ("yes", "no")
+
+
 def test_committed_chapter_1_matches_the_issue_contract():
     values = glued_values(ROOT / "notebooks" / CHAPTER_1)
     assert values["value_grad_max_abs_err"] < 1e-4

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastmem import data, evaluation
+from fastmem import data, evaluation, stats, verdicts
 from fastmem.book import glued_values
 from fastmem.errors import ParameterError
 from fastmem.latent import ServedAdapter, adapters, backbones, devices, experiment, forgetting, training
@@ -174,13 +174,44 @@ def test_ci_notebook_glued_values():
         assert isinstance(values.get(name), float) and 0.0 <= values[name] <= 1.0, (name, values.get(name))
     gap = [values[f"latent_own_minus_wrong_m2{end}"] for end in ("_low", "", "_high")]
     assert -1.0 <= gap[0] <= gap[1] <= gap[2] <= 1.0
+    # the CI set runs both capacities: every endpoint the plan reads for them is glued
+    for cap in ("1x", "10x"):
+        for end in ("", "_low", "_high", "_p", "_detectable", "_seeds_low", "_seeds_high"):
+            assert isinstance(values[f"latent_own_minus_wrong_{cap}_m2{end}"], float), (cap, end)
+    assert 0.0 <= values["latent_own_minus_wrong_10x_m2_p"] <= 1.0
+    assert isinstance(values["latent_capacity_gain_m2_low"], float)
+    assert values["latent_control_passed"] in ("yes", "no")
     # the constant answer is right only on adversarial questions, which the glued (non-adversarial) F1 leaves out
     assert values["latent_f1_constant_answer"] == 0.0
     assert isinstance(values["latent_train_steps"], int) and 1 <= values["latent_train_steps"] <= 2
-    for key in "abcd":
-        assert values[f"latent_verdict_{key}"] in ("holds", "partly", "does not hold", "inconclusive")
-    assert values["latent_verdict_a"] == "holds"  # true by construction
+    for key in "bcd":
+        assert values[f"latent_verdict_{key}"] in verdicts.MEASURED, key
+    assert values["latent_seed002_personalisation_verdict"] in verdicts.MEASURED
+    assert values["latent_stateless_zero"] == "yes"
+    assert values["latent_verdict_a"] == verdicts.TRUE_BY_CONSTRUCTION
     assert 0 < values["latent_minutes"] <= 3.0  # the CI budget of this chapter (it runs twice in CI)
+
+
+def test_paired_endpoint_holds_the_seeds_fixed_and_tests_questions():
+    """Two seeds, five questions, each better with the own bank under both seeds."""
+    own = [np.array([0.5, 0.4, 0.6, 0.3, 0.9]), np.array([0.6, 0.5, 0.4, 0.5, 0.7])]
+    wrong = [np.array([0.1, 0.0, 0.2, 0.1, 0.5]), np.array([0.2, 0.1, 0.0, 0.3, 0.1])]
+    runs = [{"seed": seed, "f1": {"own": o, "wrong": w}} for seed, (o, w) in enumerate(zip(own, wrong))]
+    gap = experiment.paired_endpoint(runs, "own", "wrong")
+    per_question = stats.paired_difference(np.mean(wrong, axis=0), np.mean(own, axis=0))
+    assert gap["change"] == pytest.approx(np.mean(own) - np.mean(wrong))
+    assert (gap["low"], gap["high"], gap["detectable"]) == (per_question.low, per_question.high,
+                                                          per_question.detectable)
+    # the sign test counts questions, not (seed, question) rows: 5 of 5 better gives 2 / 2**5, not 2 / 2**10
+    assert (gap["better"], gap["worse"]) == (5, 0)
+    assert gap["p_value"] == pytest.approx(2 * 0.5 ** 5)
+    # the first design's interval, which the registered rules read: seeds resampled, then questions
+    rows = stats.paired_change(np.concatenate(wrong), np.concatenate(own), relative=False,
+                               clusters=np.repeat([0, 1], 5), units=np.tile(np.arange(5), 2))
+    assert (gap["low_seeds_resampled"], gap["high_seeds_resampled"]) == (rows["low"], rows["high"])
+    # a mask keeps only some questions
+    kept = experiment.paired_endpoint(runs, "own", "wrong", keep=np.array([True, True, False, False, True]))
+    assert kept["change"] == pytest.approx(np.mean([o[[0, 1, 4]] for o in own]) - np.mean([w[[0, 1, 4]] for w in wrong]))
 
 
 NAMES = ["Lisbon", "Oslo", "Paris", "Rome", "Tokyo", "Cairo"]

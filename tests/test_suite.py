@@ -4,7 +4,7 @@ import numpy as np
 
 from fastmem.benchmark import answer_changes
 from fastmem.book import ROOT, execute, glued_values, resolve_parameters
-from fastmem.stats import VERDICTS
+from fastmem.verdicts import TRUE_BY_CONSTRUCTION, VERDICTS
 
 from conftest import executed_ci_notebook
 
@@ -27,6 +27,12 @@ def test_chapter_5_on_ci_parameters():
         assert values[f"suite_verdict_{memory}"] in VERDICTS, memory
         assert 0 <= values[f"suite_changed_{memory}"] <= n, memory
         assert values[f"suite_ppl_{memory}"].endswith("]"), memory
+        assert isinstance(values[f"suite_ppl_block_length_{memory}"], int), memory
+    # the binding memory never acts where perplexity scores: its losses are bit-identical, true by construction
+    for memory in ("binding_gated", "binding_top1"):
+        assert values[f"suite_ppl_identical_{memory}"] == "yes", memory
+        assert values[f"suite_verdict_{memory}"] == TRUE_BY_CONSTRUCTION, memory
+    assert values["suite_control_detected"] in ("yes", "no")
     # the served binding memory acts where it is built to: a path cut would leave reads at the plain level
     assert values["suite_binding_read_gated"] >= values["suite_binding_read_plain"] + 0.3
     # the gate keeps the memory out of text it stores nothing for

@@ -123,7 +123,8 @@ def capacity_records(model: nn.Module, tokenizer, probe: list[tasks.Binding], pr
     once with this seed's projector. At each size, the probed bindings stored so far are read in
     each mode; a pool entry's value is computed the first time a read retrieves it
     (:meth:`Pool.compute_values`), which gives the same generations as computing every value when
-    writing. One record per (size, mode, probed binding), with ``unit`` "seed:i".
+    writing. One record per (size, mode, probed binding), with ``unit`` "seed:i" and ``item``
+    "seed:word" (a probed word's bindings in both contexts, resampled together).
     """
     full_memory = probe_memory.followed_by(pool.memory).project(projector)
     offset, records = len(probe_memory), []
@@ -141,6 +142,7 @@ def capacity_records(model: nn.Module, tokenizer, probe: list[tasks.Binding], pr
             texts = generate(model, tokenizer, probe_read, alpha * padded, max_new_tokens)[:n_probe]
             hits = exact_match(texts, [b.label for b in probe[:n_probe]])
             retrieved = (index == torch.arange(n_probe)).float()
-            records += [{"seed": seed, "unit": f"{seed}:{i}", "entries": size, "mode": mode, "read": h,
-                         "retrieval": r} for i, (h, r) in enumerate(zip(hits.tolist(), retrieved.tolist()))]
+            records += [{"seed": seed, "unit": f"{seed}:{i}", "item": f"{seed}:{probe[i].word}", "entries": size,
+                         "mode": mode, "read": h, "retrieval": r}
+                        for i, (h, r) in enumerate(zip(hits.tolist(), retrieved.tolist()))]
     return records

@@ -6,10 +6,11 @@ baseline (chapter 2).
 from __future__ import annotations
 
 
+import pandas as pd
 import torch
 from torch import nn
 
-from .. import tasks
+from .. import stats, tasks
 from .. import value as fv
 from ..errors import ParameterError
 from ..evaluation import first_word
@@ -146,15 +147,50 @@ def score_records(seed: int, experiment: str, row: str, scores: dict[str, torch.
 
     A binding's prompts are units of their seed ("seed:word:context"); an unrelated question is
     one unit whatever the seed ("q:question"), so that the same question asked under several
-    seeds is resampled as one.
+    seeds is resampled as one. ``item`` is what an interval resamples: a word with its prompts in
+    both contexts ("seed:word"), which are not independent of each other, or an unrelated question.
     """
     records = []
     for column, values in scores.items():
-        units = ([f"q:{p}" for p in unrelated_prompts] if column.startswith("unrelated")
-                 else [f"{seed}:{b.word}:{b.context}" for b in bindings])
+        if column.startswith("unrelated"):
+            units = items = [f"q:{p}" for p in unrelated_prompts]
+        else:
+            units = [f"{seed}:{b.word}:{b.context}" for b in bindings]
+            items = [f"{seed}:{b.word}" for b in bindings]
         records += [{"seed": seed, "experiment": experiment, "row": row, "column": column, "unit": unit,
-                     "score": value} for unit, value in zip(units, values.tolist())]
+                     "item": item, "score": value} for unit, item, value in zip(units, items, values.tolist())]
     return records
+
+
+def rate_intervals(scores: pd.DataFrame, n_boot: int = 2000, seeds_fixed: bool = True) -> dict:
+    """Every rate of chapter 2 with its 95% interval, by (experiment, row, column): (mean, low, high).
+
+    With ``seeds_fixed`` (the chapter's design: two or three seeds cannot stand for a population
+    of seeds) the interval keeps every seed and resamples items, a word with both of its prompts
+    or an unrelated question (:func:`fastmem.stats.cluster_bootstrap_ci` with ``fixed_clusters``).
+    Without it, the interval the chapter used before: seeds resampled, then prompts.
+    """
+    summary = {}
+    for key, group in scores.groupby(["experiment", "row", "column"], sort=False):
+        units = group["item"] if seeds_fixed else group["unit"]
+        summary[key] = stats.cluster_bootstrap_ci(group["score"].to_numpy(), group["seed"].to_numpy(),
+                                                  units.to_numpy(), n_boot, seed=0, fixed_clusters=seeds_fixed)
+    return summary
+
+
+def paired_rows(scores: pd.DataFrame, experiment: str, column: str, rows: list[str]) -> pd.DataFrame:
+    """Two or more memory rows scored on the same prompts, one line per prompt (chapter 2: paired tests).
+
+    Columns: ``seed``, ``unit``, ``item`` and one score column per row, aligned on the prompt, so
+    that :func:`fastmem.stats.paired_difference` compares the rows item by item.
+    """
+    chosen = scores[(scores["experiment"] == experiment) & (scores["column"] == column)
+                    & scores["row"].isin(rows)]
+    wide = chosen.pivot_table(index=["seed", "unit", "item"], columns="row", values="score").reset_index()
+    missing = [row for row in rows if row not in wide.columns]
+    if missing:
+        raise KeyError(f"rows not scored in {experiment!r}, {column!r}: {missing}")
+    return wide.dropna(subset=rows)
 
 
 def paired_cosine(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

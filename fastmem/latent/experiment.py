@@ -18,7 +18,7 @@ import torch
 from ..data import Conversation
 from ..evaluation import answer_f1, bm25_top_k
 from ..models import model_info
-from ..stats import paired_change
+from ..stats import paired_change, paired_difference
 from .adapters import LatentAdapter, shared_features
 from .backbones import hidden_rms
 from .devices import resolve_device
@@ -227,13 +227,24 @@ def run_latent_experiment(backbone, convs: dict[str, Conversation], train_questi
 def paired_endpoint(runs: list[dict], better: str, worse: str, keep=None) -> dict:
     """``F1[better] - F1[worse]`` over runs that differ only by seed, paired per question (chapter 4).
 
-    Rows are (seed, question); the 95% interval resamples seeds, then questions
-    (:func:`fastmem.stats.paired_change` with ``clusters`` = seed, ``units`` = question), so a
-    question asked under several seeds counts once. ``keep``: a mask of the questions to use.
+    The chapter has two or three seeds, too few for a bootstrap to treat as a sample, so the seeds
+    are held fixed: each question's difference is averaged over the seeds' runs, and the 95%
+    interval resamples questions (:func:`fastmem.stats.paired_difference`); the interval is over
+    questions, for these seeds. The exact paired test is the sign test over questions
+    (``p_value``, with ``better`` and ``worse`` counts of questions), and ``detectable`` is the
+    smallest difference the interval detects with 80% power. ``low_seeds_resampled`` and
+    ``high_seeds_resampled`` are the interval of the chapter's first design (seeds resampled,
+    then questions: :func:`fastmem.stats.paired_change` with ``clusters`` = seed), which its
+    registered rules read. ``keep``: a mask of the questions to use.
     """
     keep = np.ones(len(runs[0]["f1"][better]), bool) if keep is None else np.asarray(keep, bool)
-    worse_f1 = np.concatenate([r["f1"][worse][keep] for r in runs])
-    better_f1 = np.concatenate([r["f1"][better][keep] for r in runs])
-    seeds = np.concatenate([[r["seed"]] * int(keep.sum()) for r in runs])
-    units = np.concatenate([np.flatnonzero(keep) for _ in runs])
-    return paired_change(worse_f1, better_f1, relative=False, clusters=seeds, units=units)
+    worse_f1 = np.stack([r["f1"][worse][keep] for r in runs])  # (seed, question)
+    better_f1 = np.stack([r["f1"][better][keep] for r in runs])
+    fixed = paired_difference(worse_f1.mean(0), better_f1.mean(0))
+    seeds = np.repeat([r["seed"] for r in runs], int(keep.sum()))
+    units = np.tile(np.flatnonzero(keep), len(runs))
+    resampled = paired_change(worse_f1.ravel(), better_f1.ravel(), relative=False, clusters=seeds, units=units)
+    return {"plain": fixed.plain, "memory": fixed.other, "change": fixed.difference, "low": fixed.low,
+            "high": fixed.high, "p_value": fixed.p_value, "better": fixed.better, "worse": fixed.worse,
+            "detectable": fixed.detectable, "low_seeds_resampled": resampled["low"],
+            "high_seeds_resampled": resampled["high"]}
