@@ -19,7 +19,7 @@ from sphinx.util.docutils import SphinxDirective
 from fastmem import verdicts
 from fastmem.book import ROOT, glued_values
 
-HEADER = ("Seed", "Claim", "Rule", "Verdict", "Ours", "Where")
+HEADER = ("Seed: claim", "Rule", "Verdict", "Ours", "Where")
 
 
 def decided_claims(directive: SphinxDirective) -> list[tuple[verdicts.Plan, verdicts.Verdict]]:
@@ -60,11 +60,11 @@ class VerdictTally(_MystDirective):
 
 
 class VerdictTable(_MystDirective):
-    """One row per registered claim: seed, claim, rule in words, verdict, our number, link to the deciding section."""
+    """One row per seed claim: the claim, its rule in words, verdict, our number, link to the deciding section."""
 
     def run(self):
         lines = ["```{list-table} " + self.arguments[0] if self.arguments else "```{list-table}",
-                 ":header-rows: 1", ":widths: 7 27 20 14 22 10", ":name: table-landing-verdicts", ""]
+                 ":header-rows: 1", ":widths: 30 24 14 22 10", ":name: table-landing-verdicts", ""]
         lines += [f"* - {HEADER[0]}"] + [f"  - {title}" for title in HEADER[1:]]
         by_construction = []
         for plan, decided in decided_claims(self):
@@ -86,7 +86,7 @@ class VerdictTable(_MystDirective):
     def _row(plan: verdicts.Plan, decided: verdicts.Verdict) -> list[str]:
         claim = decided.claim
         mark = " †" if claim.deviates else ""
-        return [f"* - {claim.seed}", f"  - {claim.text}", f"  - {claim.rule.threshold}",
+        return [f"* - {claim.seed}: {claim.text}", f"  - {claim.rule.threshold}",
                 f"  - **{decided.verdict}**{mark}", f"  - {decided.ours}",
                 f"  - {{ref}}`Ch. {int(plan.chapter)} <{claim.section}>`"]
 
