@@ -320,6 +320,20 @@ def decide_rule(spec: dict, glued: dict) -> str:
     return verdict
 
 
+class Endpoints(dict):
+    """The values a chapter glues, kept by name for its plan's rules (all chapters).
+
+    ``endpoints.glue(name, value)`` glues the value for the page and keeps it, so the engine
+    decides on exactly what the page shows: pass ``endpoints`` to :func:`decide_and_glue`.
+    """
+
+    def glue(self, name: str, value, display: bool = False) -> None:
+        from myst_nb import glue
+
+        self[name] = value
+        glue(name, value, display=display)
+
+
 def decide_and_glue(plan: Plan, glued: dict) -> list[Verdict]:
     """Decide a chapter's plan and glue each verdict under its claim's ``glue`` name (all chapters).
 

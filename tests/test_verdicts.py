@@ -172,3 +172,11 @@ def test_committed_chapter_verdicts_follow_from_the_plan(plan):
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.chapter)
 def test_ci_chapter_verdicts_follow_from_the_plan(plan):
     assert not _mismatches(plan, executed_ci_notebook(plan.notebook.split("/")[-1]))
+
+
+def test_endpoints_keep_exactly_what_the_page_glues(capsys):
+    endpoints = verdicts.Endpoints()
+    endpoints.glue("share", 0.25)
+    endpoints.glue("control", "yes")
+    assert endpoints == {"share": 0.25, "control": "yes"}
+    assert decide_rule({"kind": "at_most", "value": "share", "limit": 0.5, "control": "control"}, endpoints) == HOLDS
