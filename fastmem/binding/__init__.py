@@ -36,6 +36,7 @@ __all__ = ["MEMORY_KIND", "PromptStates", "key_prefix", "prompt_states", "KeyPro
            "gate_scores", "gate_scores_of", "separating_threshold", "fit_gate", "Codebook", "grace_codebook",
            "grace_radii", "fit_grace_threshold", "token_centre", "select_values", "SeedFit", "fit_seed",
            "calibrate_threshold", "generate", "exact_match", "contains_any", "changed", "forced_choice", "COPY_MODE",
-           "COLUMNS", "score_columns", "score_records", "rate_intervals", "paired_rows", "paired_cosine", "in_context_scores", "in_context_prompts",
+           "COLUMNS", "score_columns", "score_records", "rate_intervals", "paired_rows", "paired_cosine",
+           "in_context_scores", "in_context_prompts",
            "write_pool", "Pool", "CAPACITY_MODES", "capacity_records", "ServedBinding", "attached", "busy_pause",
            "slowed", "measure_overhead", "retrieval_flops", "forward_flops_per_token"]
