@@ -28,7 +28,10 @@ common to every kind, applied in this order:
   verdicts, default ``["does not hold"]``) names the verdicts a failed control makes
   "inconclusive" instead, for rules where the control must also back a "holds" (chapter 5: a
   benchmark that cannot see a change cannot show that nothing changed; chapter 4: seed 002's
-  registered rule needed the control for either answer).
+  registered rule needed the control for either answer);
+- ``collapsed`` (a glued flag: did the method's answers collapse to a constant?): the verdict is
+  "inconclusive (collapsed)" whatever the numbers say, since a method that gives every
+  question the same answer has not been tested at reading (chapter 4).
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ from fastmem import stats
 PLANS = Path(__file__).resolve().parent.parent / "plans"
 TRUE_BY_CONSTRUCTION = "true by construction"
 UNDERPOWERED = "inconclusive (underpowered)"
+COLLAPSED = "inconclusive (collapsed)"
 SEEDS = ("000", "001", "002", "003")
-MEASURED = (stats.HOLDS, stats.PARTLY, stats.DOES_NOT_HOLD, stats.INCONCLUSIVE, UNDERPOWERED)
+MEASURED = (stats.HOLDS, stats.PARTLY, stats.DOES_NOT_HOLD, stats.INCONCLUSIVE, UNDERPOWERED, COLLAPSED)
 VERDICTS = (*MEASURED, TRUE_BY_CONSTRUCTION)
 
 
@@ -278,10 +282,11 @@ def _all(spec, glued):
             complete = False  # a member not run in this parameter set
     if not members:
         return stats.INCONCLUSIVE
-    collapsed = [stats.INCONCLUSIVE if v == UNDERPOWERED else v for v in members]
-    verdict = stats.verdict_all(collapsed, complete and bool(spec.get("complete", True)))
-    if verdict == stats.INCONCLUSIVE and all(v == UNDERPOWERED for v in members):
-        return UNDERPOWERED
+    plain = [stats.INCONCLUSIVE if v in (UNDERPOWERED, COLLAPSED) else v for v in members]
+    verdict = stats.verdict_all(plain, complete and bool(spec.get("complete", True)))
+    for reason in (UNDERPOWERED, COLLAPSED):
+        if verdict == stats.INCONCLUSIVE and all(v == reason for v in members):
+            return reason
     return verdict
 
 
@@ -308,6 +313,8 @@ def _underpowered(spec: dict, glued: dict) -> bool:
 
 def decide_rule(spec: dict, glued: dict) -> str:
     """The verdict of one rule on a chapter's glued values (all chapters; rule kinds in the module docstring)."""
+    if "collapsed" in spec and _value(spec["collapsed"], glued):
+        return COLLAPSED  # a method that answers everything alike was not tested at all
     if spec["kind"] not in ("by_construction", "all", "first") and _underpowered(spec, glued):
         return UNDERPOWERED
     verdict = RULE_KINDS[spec["kind"]](spec, glued)
@@ -415,7 +422,9 @@ _PHRASES = {stats.HOLDS: ("holds", "hold"), stats.PARTLY: ("holds partly", "hold
             stats.DOES_NOT_HOLD: ("does not hold", "do not hold"),
             stats.INCONCLUSIVE: ("is inconclusive", "are inconclusive"),
             UNDERPOWERED: ("is inconclusive because the test is underpowered",
-                           "are inconclusive because their tests are underpowered")}
+                           "are inconclusive because their tests are underpowered"),
+            COLLAPSED: ("is inconclusive because the method collapsed to a constant answer",
+                        "are inconclusive because the methods collapsed to a constant answer")}
 
 
 def tally_text(verdicts: list[Verdict]) -> str:

@@ -11,7 +11,8 @@ import torch
 from fastmem import data, evaluation, stats, verdicts
 from fastmem.book import glued_values
 from fastmem.errors import ParameterError
-from fastmem.latent import ServedAdapter, adapters, backbones, devices, experiment, forgetting, training
+from fastmem.latent import (ServedAdapter, adapters, backbones, curriculum, devices, experiment, forgetting,
+                            instruments, training)
 from fastmem.models import model_info
 
 from conftest import executed_ci_notebook
@@ -265,23 +266,32 @@ def test_the_experiment_runs_on_both_families(fixture, method, request):
     model, tokenizer, _ = request.getfixturevalue(fixture)
     backbone = backbones.make_backbone(model, tokenizer, inject_block=1, write_block=1, question_tokens=12,
                                        answer_tokens=4, turn_tokens=8)
-    convs = data.locomo_conversations(data.load_locomo(), max_turns=40)[:4]
-    written = [experiment.synthetic_facts(c, 2, seed=i) for i, c in enumerate(convs)]
-    by_id = {c.sample_id: c for c, _ in written}
-    partner = {c.sample_id: convs[(i + 1) % 4].sample_id for i, c in enumerate(convs)}
-    qs = [experiment.asking_points(q, by_id, partner) for _, q in written]
-    runs = experiment.run_latent_experiment(backbone, by_id, qs[0] + qs[1], qs[2], qs[3], methods=[method], rows=8,
+    filler = [t for c in data.locomo_conversations(data.load_locomo(), max_turns=40)[:2] for t in c.turns]
+    by_id, questions = curriculum.fact_curriculum(8, filler, filler_turns=3, seed=1)
+    ids = list(by_id)
+    partner = {sid: ids[(i + 1) % len(ids)] for i, sid in enumerate(ids)}
+    qs = experiment.asking_points(questions, by_id, partner)
+    train_q, valid_q, test_q = qs[:8], qs[8:12], qs[12:]
+    states = experiment.encode_conversations(backbone, by_id.values())
+    centre = adapters.write_centre([z for sid in ids for z in states[sid]])
+    lesson = experiment.Curriculum(train_q, valid_q, states,
+                                   experiment.prepare_questions(backbone, train_q, valid_q, test_q),
+                                   steps=2, lr=1e-2, eval_every=1, patience=1)
+    runs = experiment.run_latent_experiment(backbone, by_id, train_q, valid_q, test_q, methods=[method], rows=8,
                                             gammas=[0.95, 1.0], seeds=[0], lr=1e-2,
                                             train={**TRAIN, "max_steps": 2, "eval_every": 1}, max_new_tokens=2,
-                                            prefix="question: a\nanswer: b\n")
+                                            prefix="question: a\nanswer: b\n", design="repaired", centre=centre,
+                                            curriculum=lesson)
     assert [(r["gamma"], r["method"]) for r in runs] == [(0.95, method), (1.0, method)]
     for run in runs:
         assert set(run["f1"]) == set(experiment.CONDITIONS)
-        assert all(len(f1) == len(qs[3]) and ((0 <= f1) & (f1 <= 1)).all() for f1 in run["f1"].values())
+        assert all(len(f1) == len(test_q) and ((0 <= f1) & (f1 <= 1)).all() for f1 in run["f1"].values())
         assert run["training"]["steps"] == 2 and len(run["training"]["valid_curve"]) == 3
+        assert run["curriculum"]["steps"] == 2 and run["adapter"].design.name == "repaired"
+        assert all(len(v) == len(test_q) and np.isfinite(v).all() for v in run["nll"].values())
 
 
-def test_asking_points_and_synthetic_facts():
+def test_asking_points():
     conv = data.Conversation("a", ["A: x", "B: y", "A: z", "B: w", "A: v"], [1, 1, 2, 2, 3])
     other = data.Conversation("b", ["A: p", "B: q"], [1, 2])
     convs = {"a": conv, "b": other}
@@ -289,16 +299,7 @@ def test_asking_points_and_synthetic_facts():
                                   {"a": "b", "b": "a"})
     assert (q["asked_at"], q["sessions"], q["lag"]) == (4, 2, 4)  # after session 2, which holds turn 2
     assert (q["wrong_id"], q["wrong_at"]) == ("b", 2)
-    written, facts = experiment.synthetic_facts(conv, 2, seed=3)
-    assert len(written.turns) == len(conv.turns) + 2 and len(facts) == 4
-    for fact in facts:
-        turn = written.turns[fact["evidence"][0]]
-        assert fact["answer"] in turn and fact["answer"] not in " ".join(conv.turns)
-        if fact["lag_kind"] == "short":  # asked right after the session its fact closes
-            assert fact["asked_at"] == fact["evidence"][0] + 1 == written.session_ends()[
-                written.session_of_turn[fact["evidence"][0]] - 1]
-        else:
-            assert fact["asked_at"] == len(written.turns)
+
 
 
 @pytest.mark.parametrize("method", ["m1", "m2", "m3"])
@@ -489,3 +490,252 @@ def test_only_residual_reads_can_be_served(tiny_neox):
         adapter = adapters.LatentAdapter(method, backbone.width, 16)
         with pytest.raises(ParameterError, match="residual"):
             ServedAdapter(backbone.model, adapter, write_block=1, inject_block=1)
+
+
+# ---------------------------------------------------------------------------- write and read designs
+def _residual_read(method, width, design, centre=None, **kwargs):
+    return adapters.LatentAdapter(method, width, 16, design=design, centre=centre, seed=4, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["m2", "m4", "m5", "m6"])
+def test_the_paper_design_starts_closed_and_the_repaired_one_starts_at_a_zero_output(method):
+    h, bank = torch.randn(3, 5, 16), torch.randn(16, 16)
+    paper = _residual_read(method, 16, "paper")
+    assert paper.design == adapters.DESIGNS["paper"] and float(paper.gate.detach()) == 0.0
+    assert paper.o.weight.abs().sum() > 0
+    assert torch.count_nonzero(paper.residual(h, bank)) == 0  # tanh(0) = 0 closes the read exactly
+    repaired = _residual_read(method, 16, "repaired")
+    assert float(torch.tanh(repaired.gate.detach())) != 0.0 and torch.count_nonzero(repaired.o.weight) == 0
+    assert torch.count_nonzero(repaired.residual(h, bank)) == 0  # o = 0: still exactly nothing added
+    with pytest.raises(ParameterError, match="design"):
+        adapters.LatentAdapter(method, 16, 16, design="improved")
+
+
+@pytest.mark.parametrize("method", ["m2", "m4", "m5", "m6"])
+def test_gradient_reaches_what_the_read_retrieves_only_in_the_repaired_design(tiny, method):
+    """The paper's closed gate multiplies the whole read, so nothing but the gate learns at first; with the
+    output projection at zero instead, o learns at once and q, k, v (what is retrieved) after one step."""
+    backbone, states, train, _ = tiny
+    rms = backbones.hidden_rms(train)
+    for design in ("paper", "repaired"):
+        centre = adapters.write_centre(states) if design == "repaired" else None
+        adapter = _residual_read(method, backbone.width, design, centre, hidden_rms=rms)
+        bank, _ = adapter.write_turns(adapter.empty_bank(), states)
+        assert bank.abs().sum() > 0
+        backbone.loss(adapter, bank, train).backward()
+        grads = {name: p.grad.abs().sum() for name, p in adapter.named_parameters() if p.requires_grad}
+        retrieval = {name: g for name, g in grads.items() if name not in ("gate", "log_scale")}
+        assert {"q.weight", "o.weight"} <= set(retrieval)
+        if design == "paper":
+            assert grads["gate"] > 0 and all(g == 0 for g in retrieval.values()), retrieval
+            continue
+        assert retrieval["o.weight"] > 0
+        assert all(g == 0 for name, g in retrieval.items() if name != "o.weight"), retrieval  # o = 0 blocks them
+        opt = torch.optim.Adam(adapter.read_parameters(), lr=1e-2)
+        opt.step()
+        opt.zero_grad()
+        backbone.loss(adapter, bank, train).backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0
+                   for name, p in adapter.named_parameters() if name in retrieval), method
+
+
+def test_content_states_drop_only_the_massive_sink():
+    states = torch.randn(7, 16)
+    states[0] *= 100  # an attention sink at the first position
+    states[3] *= 5  # large, but within SINK_NORM_RATIO times the median
+    kept = adapters.content_states(states)
+    assert torch.equal(kept, states[1:])
+    assert torch.equal(adapters.content_states(states[1:]), states[1:])  # nothing massive: all kept
+    turns = [states, states[1:4] + 1.0]
+    torch.testing.assert_close(adapters.write_centre(turns), torch.cat([states[1:], states[1:4] + 1.0]).mean(0))
+
+
+def _shared_direction_turns(width=64, n_turns=16, seed=1):
+    """Turns whose states share one huge common direction (norm 40) plus small parts of their own."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.randn(width, generator=g)
+    common = 40 * common / common.norm()
+    return [common + 0.5 * torch.randn(12, width, generator=g) for _ in range(n_turns)]
+
+
+def test_a_centred_write_spreads_a_turn_over_the_rows():
+    """Without centring every token of a turn carries the shared direction, so they all land on one row;
+    with the training turns' mean subtracted, a turn's tokens spread over many rows."""
+
+    turns = _shared_direction_turns()
+    centre = adapters.write_centre(turns)
+    spread = {}
+    for design in ("paper", "repaired"):
+        adapter = adapters.LatentAdapter("m2", 64, 64, design=design, centre=centre if design == "repaired" else None)
+        spread[design] = [instruments.effective_rows(adapter.write_turns(adapter.empty_bank(), [t])[0]) for t in turns]
+    assert max(spread["paper"]) < 2.0  # one turn, one row
+    assert min(spread["repaired"]) > 8.0
+    # a state equal to the centre carries nothing of its own: it writes exactly nothing
+    repaired = adapters.LatentAdapter("m2", 64, 64, design="repaired", centre=centre)
+    _, _, values = repaired.turn_features([centre.repeat(3, 1)])[0]
+    assert torch.count_nonzero(values) == 0
+
+
+def test_save_load_keeps_the_design_and_the_centre(tiny_neox, tmp_path):
+    width = tiny_neox[2].width
+    centre = torch.randn(width)
+    adapter = adapters.LatentAdapter("m2", width, 8, model=tiny_neox[2], design="repaired", centre=centre)
+    loaded = adapters.LatentAdapter.load(adapter.save(tmp_path / "repaired.safetensors"), tiny_neox[0])
+    assert loaded.design == adapters.DESIGNS["repaired"]
+    assert torch.equal(loaded.centre, centre) and torch.count_nonzero(loaded.o.weight) == 0
+    for k, v in adapter.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    turns = _shared_direction_turns(width, 2)
+    written = [a.write_turns(a.empty_bank(), turns)[0] for a in (adapter, loaded)]
+    assert torch.equal(*written)
+    paper = adapters.LatentAdapter("m2", width, 8, model=tiny_neox[2])
+    loaded = adapters.LatentAdapter.load(paper.save(tmp_path / "paper.safetensors"), tiny_neox[0])
+    assert loaded.design == adapters.DESIGNS["paper"] and torch.count_nonzero(loaded.centre) == 0
+
+
+# ---------------------------------------------------------------------------- generation and the endpoint
+def _decoder(tiny_neox):
+    model, tokenizer, _ = tiny_neox
+    return backbones.make_backbone(model, tokenizer, inject_block=1, write_block=1, question_tokens=12,
+                                   answer_tokens=6, turn_tokens=12)
+
+
+def test_an_answer_may_open_with_a_bare_space_but_never_be_blank(tiny_neox):
+    backbone = _decoder(tiny_neox)
+    space = int(backbone.space_ids[0])
+    assert backbone.tokenizer.convert_tokens_to_string(backbone.tokenizer.convert_ids_to_tokens([space])) == " "
+    rows, first = backbone.barred(0, None)
+    assert rows == slice(None) and backbone.stop_id in first.tolist() and space not in first.tolist()
+    rows, after = backbone.barred(1, torch.tensor([5, space, 7, space], device=backbone.device))
+    assert rows.flatten().tolist() == [1, 3]  # only the rows whose first token was a bare space
+    assert {backbone.stop_id, space} <= set(after.flatten().tolist())
+    assert backbone.barred(1, torch.tensor([5, 7], device=backbone.device)) is None
+    assert backbone.barred(2, torch.tensor([space], device=backbone.device)) is None
+    # "4817" and "7 May 2023" start with a bare space token; "\nx" puts a newline right after it
+    assert backbone._tok(" 4817")[0] == space
+    assert backbone.can_generate(["Lisbon", "4817", "7 May 2023", "\nx", "\n"]).tolist() == [True] * 3 + [False] * 2
+
+
+def test_generation_never_returns_an_empty_answer(tiny_neox, monkeypatch):
+    """Even a model that always prefers a newline, then a bare space, answers with text."""
+    backbone = _decoder(tiny_neox)
+    space, head = int(backbone.space_ids[0]), backbone.head
+
+    def eager_to_stop(h):
+        logits = head(h).clone()
+        logits[..., backbone.stop_id] += 1e4
+        logits[..., space] += 5e3
+        return logits
+
+    monkeypatch.setattr(backbone, "head", eager_to_stop)
+    answers = backbone.generate(None, None, backbone.prepare(QUESTIONS + ["Who?"]), 4)
+    assert len(answers) == 3 and all(a.strip() for a in answers), answers
+
+
+def test_answer_nll_is_the_loss_per_question(tiny):
+    backbone, states, train, _ = tiny
+    adapter = adapters.LatentAdapter("m2", backbone.width, 16, design="repaired", centre=adapters.write_centre(states),
+                                     hidden_rms=backbones.hidden_rms(train))
+    with torch.no_grad():
+        adapter.o.weight.normal_(0, 0.1)  # a read that changes the answers
+    bank, _ = adapter.write_turns(adapter.empty_bank(), states)
+    for read, memory in ((None, None), (adapter, bank)):
+        nll = backbone.answer_nll(read, memory, train)
+        with torch.no_grad():
+            loss = backbone.loss(read, memory, train)
+        tokens = (train.labels != -100).sum(1).float()
+        assert nll.shape == (len(QUESTIONS),) and torch.isfinite(nll).all()
+        torch.testing.assert_close((nll * tokens).sum() / tokens.sum(), loss, rtol=1e-5, atol=1e-6)
+    same = backbone.prepare(["Where did Ann move?", "Where does Bob live?"], ["Lisbon", "Lisbon"])
+    tokens = (same.labels != -100).sum(1)
+    assert tokens[0] == tokens[1]  # the same answer length: the plain mean is the loss
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.answer_nll(adapter, bank, same).mean(), backbone.loss(adapter, bank, same),
+                                   rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- the fact curriculum
+FILLER = [f"Speaker{i}: filler turn number {i} about the weather." for i in range(20)]
+
+
+def test_fact_curriculum_states_each_fact_once_in_its_evidence_turn():
+    convs, questions = curriculum.fact_curriculum(40, FILLER, facts_per_conversation=3, filler_turns=6, seed=0)
+    assert len(convs) == 40 and len(questions) == 120
+    for sid, conv in convs.items():
+        asked = [q for q in questions if q["sample_id"] == sid]
+        assert len(conv.turns) == 9 and len(asked) == 3
+        assert len({q["question"] for q in asked}) == 3  # different things of one speaker
+        assert len(set(conv.turns)) == 9 and sum(t in FILLER for t in conv.turns) == 6
+        for q in asked:
+            thing = next(t for t in curriculum.THINGS if f"'s {t} called?" in q["question"])
+            fact = f"my {thing} is called {q['answer']}."
+            assert [i for i, turn in enumerate(conv.turns) if fact in turn] == q["evidence"]
+            assert [i for i, turn in enumerate(conv.turns) if f"my {thing} is" in turn] == q["evidence"]
+            speaker = q["question"].split("'s ")[0].removeprefix("What is ")
+            assert conv.turns[q["evidence"][0]].startswith(f"{speaker}: ")
+            assert (q["asked_at"], q["category"], q["lag_kind"]) == (len(conv.turns), 0, "curriculum")
+    again = curriculum.fact_curriculum(40, FILLER, facts_per_conversation=3, filler_turns=6, seed=0)
+    assert again[1] == questions and {k: c.turns for k, c in again[0].items()} == {k: c.turns for k, c in convs.items()}
+    other = curriculum.fact_curriculum(40, FILLER, facts_per_conversation=3, filler_turns=6, seed=1)
+    assert other[1] != questions
+
+
+# ---------------------------------------------------------------------------- instruments
+def test_effective_rows_counts_the_rows_that_hold_content():
+    bank = torch.zeros(16, 8)
+    bank[3] = torch.randn(8)
+    assert instruments.effective_rows(bank) == pytest.approx(1.0)
+    for k in (2, 5, 16):
+        equal = torch.zeros(16, 8)
+        equal[:k] = torch.randn(8)
+        assert instruments.effective_rows(equal) == pytest.approx(k, rel=1e-5)
+
+
+def _labelled_banks(n, directions, signal, generator, rows=8):
+    labels = torch.randint(0, len(directions), (n,), generator=generator)
+    banks = torch.randn(n, rows, directions.shape[1], generator=generator)
+    if signal:  # the answer written into one row, at a place that differs between banks
+        where = torch.randint(0, rows, (n,), generator=generator)
+        banks[torch.arange(n), where] += 3 * directions[labels]
+    return banks, labels.numpy()
+
+
+@pytest.mark.parametrize("signal", [True, False])
+def test_the_bank_probe_finds_a_written_answer_and_nothing_in_noise(signal):
+    g = torch.Generator().manual_seed(0)
+    directions = torch.randn(4, 32, generator=g)
+    train_banks, train_labels = _labelled_banks(200, directions, signal, g)
+    test_banks, test_labels = _labelled_banks(200, directions, signal, g)
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    result = instruments.probe_bank(train_banks, train_labels, test_banks, test_labels, n_classes=4)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global random state is left as found
+    assert (result.n_train, result.n_test) == (200, 200) and 0.15 < result.chance < 0.35
+    if signal:
+        assert result.accuracy > 0.7 and result.accuracy > result.chance + 0.4
+    else:
+        assert result.accuracy < 0.4
+
+
+def test_read_gradient_reaches_retrieval_only_once_the_read_is_open(tiny_neox):
+    backbone, states, train, _ = _setup(tiny_neox)
+    rms = backbones.hidden_rms(train)
+    found = {}
+    for design in ("paper", "repaired"):
+        adapter = adapters.LatentAdapter("m2", backbone.width, 16, design=design, hidden_rms=rms, seed=2,
+                                         centre=adapters.write_centre(states) if design == "repaired" else None)
+        bank, _ = adapter.write_turns(adapter.empty_bank(), states)
+        found[design] = instruments.read_gradient(adapter, backbone, train, [bank] * len(train), steps=3, lr=1e-2,
+                                      weight_decay=0.0, batch_size=2, warmup_steps=1)
+    before, _ = found["paper"]
+    assert before.step == 0 and before.retrieval_share == 0.0 and before.contribution == 0.0
+    assert math.isfinite(before.loss)
+    before, after = found["repaired"]
+    assert before.contribution == 0.0 and before.retrieval_share > 0  # o learns at once
+    assert after.step == 3 and after.retrieval_share > 0 and after.contribution > 0 and after.loss < before.loss
+
+
+def test_constant_agreement_ignores_case_and_spacing():
+    assert instruments.constant_agreement(["Lisbon", " lisbon ", "Oslo", "LISBON"], "Lisbon") == 0.75
+    assert instruments.constant_agreement(["new  york", "New York"], "New York") == 1.0
+    assert instruments.constant_agreement([], "Lisbon") == 0.0

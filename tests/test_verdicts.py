@@ -9,7 +9,7 @@ import yaml
 
 from fastmem import stats, verdicts
 from fastmem.book import ROOT, glued_values
-from fastmem.verdicts import TRUE_BY_CONSTRUCTION, UNDERPOWERED, decide_rule
+from fastmem.verdicts import COLLAPSED, TRUE_BY_CONSTRUCTION, UNDERPOWERED, decide_rule
 
 from conftest import executed_ci_notebook
 
@@ -98,6 +98,36 @@ def test_all_and_first():
     assert decide_rule(first, {}) == DOES_NOT_HOLD
 
 
+@pytest.mark.parametrize("low, high", [(1.2, 2.0), (-0.2, 0.5), (-0.5, 1.5)])
+def test_a_collapsed_method_is_inconclusive_whatever_its_interval(low, high):
+    rule = {"kind": "effect", "low": low, "high": high, "claimed": 1.0, "collapsed": "constant"}
+    plain = {key: value for key, value in rule.items() if key != "collapsed"}
+    assert decide_rule(rule, {"constant": "yes"}) == COLLAPSED
+    assert decide_rule(rule, {"constant": True}) == COLLAPSED
+    assert decide_rule(rule, {"constant": "no"}) == decide_rule(plain, {})
+    controlled = {**rule, "control": "control", "p": 0.01}
+    assert decide_rule(controlled, {"constant": "yes", "control": "no"}) == COLLAPSED
+    assert COLLAPSED in verdicts.MEASURED
+    with pytest.raises(verdicts.MissingEndpoint):
+        decide_rule(rule, {})
+
+
+def test_all_members_collapsed_is_collapsed_and_mixed_members_follow_verdict_all():
+    holds = {"kind": "at_most", "value": 1.0, "limit": 2.0}
+    fails = {"kind": "at_most", "value": 3.0, "limit": 2.0}
+    collapsed = {**holds, "collapsed": "c"}
+    underpowered = {"kind": "effect", "low": -0.1, "high": 0.1, "claimed": 0.05, "detectable": 0.14}
+    glued = {"c": "yes"}
+    assert decide_rule(collapsed, glued) == COLLAPSED
+    assert decide_rule({"kind": "all", "of": [collapsed, collapsed]}, glued) == COLLAPSED
+    assert decide_rule({"kind": "all", "of": [collapsed, holds]}, glued) == stats.verdict_all([INCONCLUSIVE, HOLDS])
+    assert decide_rule({"kind": "all", "of": [collapsed, holds]}, glued) == PARTLY
+    assert decide_rule({"kind": "all", "of": [collapsed, fails]}, glued) == DOES_NOT_HOLD
+    assert decide_rule({"kind": "all", "of": [collapsed, underpowered]}, glued) == INCONCLUSIVE
+    assert decide_rule({"kind": "all", "of": [holds, holds], "collapsed": "c"}, glued) == COLLAPSED
+    assert decide_rule({"kind": "all", "of": [collapsed, collapsed]}, {"c": "no"}) == HOLDS
+
+
 def test_a_missing_endpoint_is_an_error_not_a_verdict():
     with pytest.raises(verdicts.MissingEndpoint):
         decide_rule({"kind": "at_most", "value": "never_glued", "limit": 1.0}, {})
@@ -112,6 +142,9 @@ def test_tally_counts_by_construction_apart():
     text = verdicts.tally_text(decided)
     assert text.startswith("Of the 2 measured claims of the seeds, 1 holds and 1 does not hold.")
     assert "1 more are true by construction" in text
+    collapsed = verdicts.tally_text([verdicts.Verdict(claim, COLLAPSED), verdicts.Verdict(claim, COLLAPSED)])
+    assert collapsed.startswith("Of the 2 measured claims of the seeds, 2 are inconclusive because the methods "
+                                "collapsed")
 
 
 # ---------------------------------------------------------------------------- the plans

@@ -26,6 +26,7 @@ share their write projections, computed once for all of them (:func:`shared_feat
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,9 +54,59 @@ CAPACITY_ROWS = {"1x": 64, "10x": 640}
 MEMORY_KIND = "latent_adapter"
 
 
+@dataclass(frozen=True)
+class Design:
+    """How states are written and how the read starts (chapter 4, "Why the read could not learn").
+
+    ``centred``: states of massive norm (the attention sink at a sequence's first position,
+    about a hundred times the others' norm and without content) are not written, and each state
+    has the training turns' mean state subtracted and is RMS-normalised before the write (the
+    shared direction otherwise sends most tokens to the same rows);
+    ``normalised_rows``: a token is addressed against the RMS-normalised rows, so that a row
+    that already holds much does not draw every later token to itself (with raw rows the
+    content term grows with the row); ``address_scale`` multiplies the address logits, so that
+    a normalised token lands on a few rows rather than a little on every row; ``gate`` is the gate's initial value, and
+    ``zero_output`` starts the read's output projection at zero instead (as LoRA and ControlNet
+    do): with the paper's closed gate, ``tanh(0) = 0`` multiplies the whole read, so no gradient
+    reaches what the read retrieves.
+    """
+
+    name: str
+    centred: bool
+    normalised_rows: bool
+    address_scale: float
+    gate: float
+    zero_output: bool
+
+
+DESIGNS = {
+    "paper": Design("paper", centred=False, normalised_rows=False, address_scale=1.0, gate=0.0, zero_output=False),
+    "repaired": Design("repaired", centred=True, normalised_rows=True, address_scale=4.0, gate=1.0, zero_output=True),
+}
+DESIGN_NAMES = {"paper": "the paper's write and read", "repaired": "repaired write and read"}
+
+
 def _rms(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Parameter-free RMS normalisation of the last axis; a zero row stays exactly zero (chapter 4)."""
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+SINK_NORM_RATIO = 10.0
+
+
+def content_states(states: torch.Tensor) -> torch.Tensor:
+    """One turn's states without those of massive norm, more than ``SINK_NORM_RATIO`` times the median (chapter 4).
+
+    The first position of a sequence is an attention sink whose state dwarfs the others; it
+    holds no content of the turn, and left in it dominates the mean and every address.
+    """
+    norms = states.norm(dim=-1)
+    return states[norms <= SINK_NORM_RATIO * norms.median()]
+
+
+def write_centre(states: list[torch.Tensor]) -> torch.Tensor:
+    """The mean content state of many turns: what a centred write subtracts (chapter 4)."""
+    return torch.cat([content_states(s) for s in states]).float().mean(0)
 
 
 class LatentAdapter(nn.Module):
@@ -83,10 +134,13 @@ class LatentAdapter(nn.Module):
 
     def __init__(self, method: str, width: int, rows: int, *, gamma: float = 0.95, top_k: int = 8,
                  train_write: bool = False, seed: int = 0, write_seed: int | None = None,
-                 hidden_rms: float = 1.0, model: ModelInfo | None = None, device="auto"):
+                 hidden_rms: float = 1.0, model: ModelInfo | None = None, design: str = "paper",
+                 centre: torch.Tensor | None = None, device="auto"):
         super().__init__()
         if method not in METHODS:
             raise ParameterError(f"unknown latent-memory method {method!r}: use one of {', '.join(METHODS)}")
+        if design not in DESIGNS:
+            raise ParameterError(f"unknown latent-memory design {design!r}: use one of {', '.join(DESIGNS)}")
         if not isinstance(rows, int) or rows < 1:
             raise ParameterError(f"memory rows must be a positive integer, got {rows!r}")
         if not 0.0 < gamma <= 1.0:
@@ -95,6 +149,7 @@ class LatentAdapter(nn.Module):
             raise ParameterError(f"slot top_k must lie in [1, rows={rows}], got {top_k!r}")
         self.method, self.width, self.rows, self.gamma, self.top_k = method, width, rows, float(gamma), int(top_k)
         self.train_write, self.seed = bool(train_write), int(seed)
+        self.design = DESIGNS[design]
         self.model = model  # the backbone it reads into: recorded by save(), checked by load()
         self.write_seed = int(seed if write_seed is None else write_seed)
         d = width
@@ -107,15 +162,20 @@ class LatentAdapter(nn.Module):
         # row addresses: the first `rows` of one fixed draw of 640, so 1x and 10x share their first rows
         big = max(rows, CAPACITY_ROWS["10x"])
         self.register_buffer("addresses", torch.randn(big, d, generator=g, device=cpu)[:rows].clone())
+        # the mean state subtracted before a centred write (zeros: nothing subtracted)
+        self.register_buffer("centre", torch.zeros(d, device=cpu) if centre is None
+                             else centre.detach().to(cpu, torch.float32).clone())
         torch.manual_seed(self.seed)
         self.log_scale = nn.Parameter(torch.tensor(math.log(max(hidden_rms, 1e-3)), device=cpu))
         inj = INJECTION[method]
         if inj in ("prefix", "kv"):
             self.proj = nn.Linear(d, d)
         else:
-            self.gate = nn.Parameter(torch.zeros((), device=cpu))
+            self.gate = nn.Parameter(torch.tensor(self.design.gate, device=cpu))
             self.q = nn.Linear(d, d, bias=False)
             self.o = nn.Linear(d, d, bias=False)
+            if self.design.zero_output:
+                nn.init.zeros_(self.o.weight)
             if method in ("m2", "m5"):
                 self.k = nn.Linear(d, d, bias=False)
                 self.v = nn.Linear(d, d, bias=False)
@@ -130,7 +190,8 @@ class LatentAdapter(nn.Module):
             raise ParameterError("LatentAdapter.save: this adapter does not record its model: "
                                  "build it with model=fastmem.models.model_info(model)")
         settings = {"method": self.method, "rows": self.rows, "gamma": self.gamma, "top_k": self.top_k,
-                    "train_write": self.train_write, "seed": self.seed, "write_seed": self.write_seed}
+                    "train_write": self.train_write, "seed": self.seed, "write_seed": self.write_seed,
+                    "design": self.design.name}
         return save_memory(path, MEMORY_KIND, self.state_dict(), settings, self.model)
 
     @classmethod
@@ -158,7 +219,8 @@ class LatentAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         """Settings shown by ``print(adapter)`` (chapter 4)."""
-        return f"method={self.method}, rows={self.rows}, gamma={self.gamma}, train_write={self.train_write}"
+        return (f"method={self.method}, rows={self.rows}, gamma={self.gamma}, design={self.design.name}, "
+                f"train_write={self.train_write}")
 
     def read_parameters(self) -> list[nn.Parameter]:
         """The trained parameters (chapter 4): the read side, plus the write side in the ablation."""
@@ -173,11 +235,15 @@ class LatentAdapter(nn.Module):
         """Project the states of many turns at once: the bank-independent part of every write (chapter 4)."""
         if not states:
             return []
+        if self.design.centred:
+            states = [content_states(s) for s in states]
         lengths = [s.shape[0] for s in states]
         z = torch.cat(states, 0).to(self.w_q.device, self.w_q.dtype)
+        if self.design.centred:
+            z = _rms(z - self.centre)
         zq = z @ self.w_q
         zqk = zq @ self.w_k.T
-        ze = zq @ self.addresses.T / math.sqrt(self.width)
+        ze = zq @ self.addresses.T * (self.design.address_scale / math.sqrt(self.width))
         v = z @ self.w_v
         return list(zip(zqk.split(lengths), ze.split(lengths), v.split(lengths)))
 
@@ -185,7 +251,8 @@ class LatentAdapter(nn.Module):
         zqk, ze, v = feat
         rule = WRITE_RULES[self.method]
         if rule == "attention":
-            a = torch.softmax(zqk @ bank.T / math.sqrt(self.width) + ze, dim=-1)  # (L, rows)
+            rows = _rms(bank) if self.design.normalised_rows else bank
+            a = torch.softmax(zqk @ rows.T / math.sqrt(self.width) + ze, dim=-1)  # (L, rows)
             return torch.addmm(bank, a.T, v, beta=self.gamma)
         if rule == "hebbian":
             delta = ze.T @ v
@@ -261,13 +328,15 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def shared_features(width: int, states: list[torch.Tensor], write_seed: int) -> list[tuple]:
-    """Write-side projections of many turns for every adapter with this ``write_seed`` (chapter 4).
+def shared_features(width: int, states: list[torch.Tensor], write_seed: int, design: str = "paper",
+                    centre: torch.Tensor | None = None) -> list[tuple]:
+    """Write-side projections of many turns for every adapter with this ``write_seed`` and design (chapter 4).
 
     All methods and both capacities draw the same random write projections and row addresses
     from ``write_seed`` (1x uses the first 64 of the 640 addresses), so one projection pass serves all.
     """
     device = states[0].device if states else "auto"
-    ref = LatentAdapter("m2", width, CAPACITY_ROWS["10x"], write_seed=write_seed, device=device)
+    ref = LatentAdapter("m2", width, CAPACITY_ROWS["10x"], write_seed=write_seed, design=design, centre=centre,
+                        device=device)
     with torch.no_grad():
         return ref.turn_features(states)

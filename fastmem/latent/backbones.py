@@ -11,6 +11,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -141,9 +142,12 @@ class DecoderOnlyBackbone:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stop_id = tokenizer.encode("\n", add_special_tokens=False)[-1]
         vocab = self.head.weight.shape[0]
-        self.blank_ids = torch.tensor([i for i, t in enumerate(tokenizer.convert_ids_to_tokens(list(range(min(vocab, len(tokenizer))))))
-                                       if not tokenizer.convert_tokens_to_string([t]).strip()]
-                                      + [self.stop_id] + list(tokenizer.all_special_ids), device=self.device)
+        texts = [tokenizer.convert_tokens_to_string([t])
+                 for t in tokenizer.convert_ids_to_tokens(list(range(min(vocab, len(tokenizer)))))]
+        blank = [i for i, t in enumerate(texts) if not t.strip()]
+        self.blank_ids = torch.tensor(blank + [self.stop_id] + list(tokenizer.all_special_ids), device=self.device)
+        # a bare space may open an answer (" 4817" is " ", "4", ...) if text follows it at once
+        self.space_ids = torch.tensor([i for i in blank if texts[i] and set(texts[i]) == {" "}], device=self.device)
 
     @property
     def width(self) -> int:
@@ -153,7 +157,7 @@ class DecoderOnlyBackbone:
     def to(self, device) -> "DecoderOnlyBackbone":
         """Move the frozen model and the backbone's own tensors to ``device`` (chapter 4)."""
         self.device = _model_device(self.model, device)
-        self.blank_ids = self.blank_ids.to(self.device)
+        self.blank_ids, self.space_ids = self.blank_ids.to(self.device), self.space_ids.to(self.device)
         return self
 
     def _tok(self, text: str) -> list[int]:
@@ -258,21 +262,65 @@ class DecoderOnlyBackbone:
             prefix_lens.update(self._memory_prefix(adapter, bank, len(batch), cache))
         return cache, prefix_lens
 
-    def loss(self, adapter, bank, batch: QuestionBatch) -> torch.Tensor:
-        """Teacher-forced cross-entropy on the answer tokens, through the upper blocks only (chapter 4)."""
+    def _answer_logits(self, adapter, bank, batch: QuestionBatch) -> tuple[torch.Tensor, torch.Tensor]:
         cache, prefix_lens = self._start_upper(batch, adapter, bank)
         h = self._upper(batch.cached, batch.positions, batch.valid, adapter, bank, cache, prefix_lens)
         sel = batch.labels != -100
-        logits = self.head(h[sel])
-        return F.cross_entropy(logits.float(), batch.labels[sel])
+        return self.head(h[sel]).float(), sel
+
+    def loss(self, adapter, bank, batch: QuestionBatch) -> torch.Tensor:
+        """Teacher-forced cross-entropy on the answer tokens, through the upper blocks only (chapter 4)."""
+        logits, sel = self._answer_logits(adapter, bank, batch)
+        return F.cross_entropy(logits, batch.labels[sel])
+
+    @torch.no_grad()
+    def answer_nll(self, adapter, bank, batch: QuestionBatch) -> torch.Tensor:
+        """Each question's teacher-forced loss, nats per answer token: the sensitive endpoint (chapter 4)."""
+        logits, sel = self._answer_logits(adapter, bank, batch)
+        return _per_row(F.cross_entropy(logits, batch.labels[sel], reduction="none"), sel)
+
+    def barred(self, step: int, previous: torch.Tensor | None) -> tuple | None:
+        """Where generation may not go at ``step``: (row, token) index pairs for the logits (chapter 4).
+
+        An answer must carry text: the first token may not be blank (a newline, a special token),
+        except a bare space, after which the next token may not be blank. Without that exception
+        an answer such as " 4817" or " 7 May 2023", whose first token is a bare space, could
+        never be produced.
+        """
+        if step == 0:
+            allowed = torch.isin(self.blank_ids, self.space_ids)
+            return (slice(None), self.blank_ids[~allowed])
+        if step == 1 and previous is not None:
+            after_space = torch.isin(previous, self.space_ids).nonzero()
+            if len(after_space):
+                return (after_space, self.blank_ids.unsqueeze(0))
+        return None
+
+    def can_generate(self, answers: list[str]) -> np.ndarray:
+        """Whether each answer's tokens, as training targets them, pass :meth:`barred` (chapter 4).
+
+        The forced-generation instrument: an answer that fails can never be generated, however
+        well a read is trained.
+        """
+        ok = []
+        for answer in answers:
+            tokens = torch.tensor(self._tok(" " + answer)[: self.answer_tokens], device=self.device)
+            passed, previous = True, None
+            for step, token in enumerate(tokens):
+                barred = self.barred(step, previous)  # for this one row, when it applies
+                if barred is not None and bool(torch.isin(token, barred[1]).any()):
+                    passed = False
+                previous = token.view(1)
+            ok.append(passed)
+        return np.array(ok, bool)
 
     @torch.no_grad()
     def generate(self, adapter, bank, batch: QuestionBatch, max_new_tokens: int) -> list[str]:
         """Greedy answers, cut at the first newline; the first token must carry text (chapter 4).
 
-        Barring blank and special first tokens (the newline among them) keeps an answer from being empty: the
-        frozen model often starts with a newline, and an adapter trained on short answers that end
-        in one learns a general pull towards it.
+        Barring blank and special first tokens (the newline among them; :meth:`barred`) keeps an
+        answer from being empty: the frozen model often starts with a newline, and an adapter
+        trained on short answers that end in one learns a general pull towards it.
         """
         cache_u, prefix_lens = self._start_upper(batch, adapter, bank)
         cache_l = batch.lower_cache.copy()
@@ -281,8 +329,9 @@ class DecoderOnlyBackbone:
         out = []
         for step in range(max_new_tokens):
             logits = self.head(h[:, -1])
-            if step == 0:
-                logits[:, self.blank_ids] = -torch.inf
+            barred = self.barred(step, out[-1][:, 0] if out else None)
+            if barred is not None:
+                logits[barred] = -torch.inf
             nxt = logits.argmax(-1, keepdim=True)
             out.append(nxt)
             if step == max_new_tokens - 1 or bool((torch.cat(out, 1) == self.stop_id).any(1).all()):
@@ -292,6 +341,13 @@ class DecoderOnlyBackbone:
             hl = self._run(self.embed(nxt), pos, valid, range(self.inject), cache_l, batch.prefix_lens)
             h = self._upper(hl, pos, valid, adapter, bank, cache_u, prefix_lens)
         return _decode(self.tokenizer, torch.cat(out, 1), self.stop_id)
+
+
+def _per_row(token_losses: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    """Token losses (in the order of ``sel``'s true entries) averaged per row of ``sel``."""
+    rows = sel.nonzero()[:, 0]
+    total = torch.zeros(sel.shape[0], device=token_losses.device).index_add_(0, rows, token_losses)
+    return total / sel.sum(1).clamp_min(1)
 
 
 def _decode(tokenizer, ids: torch.Tensor, stop_id: int | None) -> list[str]:
@@ -395,15 +451,24 @@ class EncoderDecoderBackbone:
             if handle is not None:
                 handle.remove()
 
-    def loss(self, adapter, bank, batch):
-        """Teacher-forced cross-entropy on the answer tokens through the frozen decoder (chapter 4)."""
+    def _forward(self, adapter, bank, batch):
         from transformers.modeling_outputs import BaseModelOutput
 
         enc, mask = self._encoder_states(adapter, bank, batch)
         with self._hook(adapter, bank):
-            out = self.model(encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=mask,
-                             labels=batch.labels)
-        return out.loss
+            return self.model(encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=mask,
+                              labels=batch.labels)
+
+    def loss(self, adapter, bank, batch):
+        """Teacher-forced cross-entropy on the answer tokens through the frozen decoder (chapter 4)."""
+        return self._forward(adapter, bank, batch).loss
+
+    @torch.no_grad()
+    def answer_nll(self, adapter, bank, batch):
+        """Each question's teacher-forced loss, nats per answer token: the sensitive endpoint (chapter 4)."""
+        logits = self._forward(adapter, bank, batch).logits.float()
+        sel = batch.labels != -100
+        return _per_row(F.cross_entropy(logits[sel], batch.labels[sel], reduction="none"), sel)
 
     @torch.no_grad()
     def generate(self, adapter, bank, batch, max_new_tokens):

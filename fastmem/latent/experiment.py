@@ -5,12 +5,14 @@ with the bank written up to then (:func:`asking_points`). Every trained adapter 
 question with its own conversation's bank, with another test conversation's bank after as many
 sessions (the wrong-bank control), with a bank holding only its evidence turns (the oracle bank),
 with the bank after the whole conversation (the paper's condition) and with an empty bank.
-:func:`synthetic_facts` writes invented facts into real conversations, a positive control that
-no model can answer without reading them. :func:`run_latent_experiment` is the loop;
-:func:`text_contexts` builds the text baselines' prompts.
+:func:`run_latent_experiment` is the loop, with an optional curriculum of invented facts
+(:mod:`~fastmem.latent.curriculum`) before the conversations' questions; :func:`text_contexts`
+builds the text baselines' prompts.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,9 +27,6 @@ from .devices import resolve_device
 from .training import train_until_plateau
 
 CONDITIONS = ("own", "wrong", "oracle", "paper", "zero")
-_SYLLABLES = ("zor", "vik", "bel", "quon", "tra", "mip", "lus", "dro", "fen", "kav", "ix", "wem", "sorb", "yul")
-_THINGS = ("pet lizard", "pet parrot", "sailboat", "old bicycle", "houseplant", "robot vacuum", "hamster",
-           "guitar", "goldfish", "motorbike", "tortoise", "kite")
 
 
 def asking_points(questions: list[dict], convs: dict[str, Conversation], partner: dict[str, str]) -> list[dict]:
@@ -48,45 +47,6 @@ def asking_points(questions: list[dict], convs: dict[str, Conversation], partner
         out.append({**q, "asked_at": asked_at, "sessions": sessions, "wrong_id": other.sample_id,
                     "wrong_at": wrong_at, "lag": asked_at - min(q["evidence"])})
     return out
-
-
-def synthetic_facts(conv: Conversation, n_facts: int, seed: int) -> tuple[Conversation, list[dict]]:
-    """Invented facts written as extra turns into ``conv``, each asked at a short and a long lag (chapter 4).
-
-    A fact ("<speaker>: By the way, my <thing> is called <made-up name>." or "... my locker code is
-    <4 digits>.") closes a randomly chosen session; it is asked right after that session (short lag)
-    and after the whole conversation (long lag). Names are random syllables and codes random
-    numbers, so nothing but the written turn can supply the answer.
-    """
-    rng = np.random.default_rng(seed)
-    n_facts = min(n_facts, conv.n_sessions, len(_THINGS) + 1)
-    chosen = sorted(rng.choice(np.arange(1, conv.n_sessions + 1), size=n_facts, replace=False).tolist())
-    kinds = rng.permutation(len(_THINGS) + 1)[:n_facts]
-    turns, sessions, facts = [], [], []
-    for session in range(1, conv.n_sessions + 1):
-        session_turns = [t for t, s in zip(conv.turns, conv.session_of_turn) if s == session]
-        turns += session_turns
-        sessions += [session] * len(session_turns)
-        if session in chosen:
-            speaker = session_turns[0].split(":", 1)[0]
-            kind = int(kinds[chosen.index(session)])
-            if kind == len(_THINGS):
-                answer = str(int(rng.integers(1000, 10000)))
-                turn, question = (f"{speaker}: By the way, my locker code is {answer}.",
-                                  f"What is {speaker}'s locker code?")
-            else:
-                answer = "".join(rng.choice(_SYLLABLES, size=3)).capitalize()
-                turn, question = (f"{speaker}: By the way, my {_THINGS[kind]} is called {answer}.",
-                                  f"What is {speaker}'s {_THINGS[kind]} called?")
-            turns.append(turn)
-            sessions.append(session)
-            facts.append((len(turns) - 1, question, answer))
-    written = Conversation(conv.sample_id, turns, sessions)
-    questions = [{"question": question, "answer": answer, "category": 0, "evidence": [index],
-                  "missing_evidence": 0, "sample_id": conv.sample_id, "asked_at": asked_at, "lag_kind": kind}
-                 for index, question, answer in facts
-                 for kind, asked_at in (("short", index + 1), ("long", len(turns)))]
-    return written, questions
 
 
 def text_contexts(kind: str, questions: list[dict], convs: dict[str, Conversation], *, k: int = 3,
@@ -155,17 +115,71 @@ def _oracle_bank(adapter: LatentAdapter, features: list, evidence) -> torch.Tens
 
 def prepare_questions(backbone, train_questions: list[dict], valid_questions: list[dict],
                       test_questions: list[dict], prefix: str = "", chunk: int = 16) -> dict:
-    """Training, validation and test questions prepared once for many runs (chapter 4)."""
+    """Training, validation and test questions prepared once for many runs (chapter 4).
+
+    ``test_forced``: the test questions with their answers, for the teacher-forced loss.
+    """
     return {"train": prepare_chunks(backbone, train_questions, prefix, answers=True, chunk=max(1, len(train_questions))),
             "valid": prepare_chunks(backbone, valid_questions, prefix, answers=True, chunk=chunk),
-            "test": prepare_chunks(backbone, test_questions, prefix, chunk=chunk)}
+            "test": prepare_chunks(backbone, test_questions, prefix, chunk=chunk),
+            "test_forced": prepare_chunks(backbone, test_questions, prefix, answers=True, chunk=chunk)}
+
+
+@dataclass
+class Curriculum:
+    """Invented facts a read is trained on before the conversations' questions (chapter 4).
+
+    ``states``: each curriculum conversation's turn states (:func:`encode_conversations`);
+    ``prepared``: :func:`prepare_questions`' ``train`` and ``valid`` parts for its questions;
+    at most ``steps`` optimiser steps at rate ``lr``, the validation loss measured every
+    ``eval_every`` steps and training stopped after ``patience`` measurements without a new best.
+    """
+
+    train: list[dict]
+    valid: list[dict]
+    states: dict
+    prepared: dict
+    steps: int
+    lr: float
+    eval_every: int
+    patience: int
+
+
+def _answer_nll(backbone, adapter, chunks: list, banks: list) -> np.ndarray:
+    out, start = [], 0
+    for batch in chunks:
+        out.append(backbone.answer_nll(adapter, torch.stack(banks[start:start + len(batch)]), batch).cpu())
+        start += len(batch)
+    return torch.cat(out).numpy()
+
+
+def _features(backbone, states: dict, sids, seed: int, design: str, centre) -> dict:
+    return {sid: shared_features(backbone.width, states[sid], seed, design, centre) for sid in sids}
+
+
+def _pretrain(adapter, backbone, curriculum: Curriculum, seed: int, design: str, centre, train: dict,
+              device) -> dict:
+    """Train the read on the curriculum's facts, each question with its conversation's whole bank."""
+    questions = curriculum.train + curriculum.valid
+    sids = {q["sample_id"] for q in questions}
+    states = {sid: [z.to(device) for z in curriculum.states[sid]] for sid in sids}
+    features = _features(backbone, states, sids, seed, design, centre)
+    banks = {sid: adapter.write_turns(adapter.empty_bank(), features=features[sid])[0] for sid in sids}
+    prepared = {part: [b.to(device) for b in curriculum.prepared[part]] for part in ("train", "valid")}
+    settings = {**train, "max_steps": curriculum.steps, "eval_every": curriculum.eval_every,
+                "patience": curriculum.patience}
+    return train_until_plateau(adapter, backbone, prepared["train"][0],
+                               [banks[q["sample_id"]] for q in curriculum.train], prepared["valid"],
+                               [banks[q["sample_id"]] for q in curriculum.valid], lr=curriculum.lr, seed=seed,
+                               **settings)
 
 
 def run_latent_experiment(backbone, convs: dict[str, Conversation], train_questions: list[dict],
                           valid_questions: list[dict], test_questions: list[dict], *, methods, rows: int, gammas,
                           seeds, lr: float, train: dict, max_new_tokens: int, prefix: str = "", slot_top_k: int = 8,
                           states: dict | None = None, prepared: dict | None = None,
-                          conditions=CONDITIONS, device="auto") -> list[dict]:
+                          conditions=CONDITIONS, design: str = "paper", centre: torch.Tensor | None = None,
+                          curriculum: Curriculum | None = None, device="auto") -> list[dict]:
     """Train one adapter per (seed, gamma, method) and answer the test questions under each condition (chapter 4).
 
     Questions come from :func:`asking_points`: training and validation questions read their own
@@ -173,11 +187,14 @@ def run_latent_experiment(backbone, convs: dict[str, Conversation], train_questi
     :data:`CONDITIONS`). ``train`` holds :func:`~fastmem.latent.training.train_until_plateau`'s
     settings but ``lr``; ``states`` (:func:`encode_conversations`) and ``prepared``
     (:func:`prepare_questions`, with the same ``prefix``) are computed here when not given.
+    ``design`` and ``centre`` are the adapters' (:data:`~fastmem.latent.adapters.DESIGNS`); with a
+    ``curriculum`` each adapter first learns to read its invented facts.
     ``device`` (``"auto"``: CUDA when present, else the CPU): the backbone's model, the given
     states and batches, every adapter and every bank are put there; only the final answers leave it.
     Returns one row per run: ``method``, ``gamma``, ``seed``, ``device``, ``training`` (curves,
-    steps), ``adapter`` (trained, recording its model so that ``adapter.save`` works), ``preds``
-    and ``f1`` (per test question) by condition.
+    steps; ``curriculum``: the same for the curriculum), ``adapter`` (trained, recording its model
+    so that ``adapter.save`` works), and by condition ``preds``, ``f1`` and ``nll`` (the
+    teacher-forced loss, nats per answer token) per test question.
     """
     device = resolve_device(device)
     backbone.to(device)
@@ -199,16 +216,19 @@ def run_latent_experiment(backbone, convs: dict[str, Conversation], train_questi
             needed.setdefault(sid, set()).add(point)
     runs = []
     for seed in seeds:
-        features = {sid: shared_features(backbone.width, states[sid], seed) for sid in needed}
+        features = _features(backbone, states, needed, seed, design, centre)
         for gamma in gammas:
             for method in methods:
                 adapter = LatentAdapter(method, backbone.width, rows, gamma=gamma, top_k=slot_top_k, seed=seed,
-                                        hidden_rms=scale, model=backbone_model, device=device)
+                                        hidden_rms=scale, model=backbone_model, design=design, centre=centre,
+                                        device=device)
+                pretrained = None if curriculum is None else _pretrain(
+                    adapter, backbone, curriculum, seed, design, centre, train, device)
                 banks = _banks(adapter, features, needed)
                 info = train_until_plateau(
                     adapter, backbone, prepared["train"][0], [banks[keys["own"](q)] for q in train_questions],
                     prepared["valid"], [banks[keys["own"](q)] for q in valid_questions], lr=lr, seed=seed, **train)
-                preds = {}
+                preds, nll = {}, {}
                 for name in conditions:
                     if name == "zero":
                         bank_list = [adapter.empty_bank()] * len(test_questions)
@@ -218,14 +238,19 @@ def run_latent_experiment(backbone, convs: dict[str, Conversation], train_questi
                     else:
                         bank_list = [banks[keys[name](q)] for q in test_questions]
                     preds[name] = answer_chunks(backbone, adapter, prepared["test"], bank_list, max_new_tokens)
+                    nll[name] = _answer_nll(backbone, adapter, prepared["test_forced"], bank_list)
                 runs.append({"method": method, "gamma": gamma, "seed": seed, "device": str(device),
-                             "training": info, "adapter": adapter, "preds": preds,
-                             "f1": {name: answer_f1(p, test_questions) for name, p in preds.items()}})
+                             "training": info, "curriculum": pretrained, "adapter": adapter, "preds": preds,
+                             "f1": {name: answer_f1(p, test_questions) for name, p in preds.items()},
+                             "nll": nll})
     return runs
 
 
-def paired_endpoint(runs: list[dict], better: str, worse: str, keep=None) -> dict:
+def paired_endpoint(runs: list[dict], better: str, worse: str, keep=None, measure: str = "f1") -> dict:
     """``F1[better] - F1[worse]`` over runs that differ only by seed, paired per question (chapter 4).
+
+    ``measure="logprob"`` compares the teacher-forced log-probability of the gold answer (nats per
+    answer token, the negated ``nll``) instead of F1: the sensitive endpoint.
 
     The chapter has two or three seeds, too few for a bootstrap to treat as a sample, so the seeds
     are held fixed: each question's difference is averaged over the seeds' runs, and the 95%
@@ -237,9 +262,12 @@ def paired_endpoint(runs: list[dict], better: str, worse: str, keep=None) -> dic
     then questions: :func:`fastmem.stats.paired_change` with ``clusters`` = seed), which its
     registered rules read. ``keep``: a mask of the questions to use.
     """
+    def values(run, condition):
+        return run["f1"][condition] if measure == "f1" else -run["nll"][condition]
+
     keep = np.ones(len(runs[0]["f1"][better]), bool) if keep is None else np.asarray(keep, bool)
-    worse_f1 = np.stack([r["f1"][worse][keep] for r in runs])  # (seed, question)
-    better_f1 = np.stack([r["f1"][better][keep] for r in runs])
+    worse_f1 = np.stack([values(r, worse)[keep] for r in runs])  # (seed, question)
+    better_f1 = np.stack([values(r, better)[keep] for r in runs])
     fixed = paired_difference(worse_f1.mean(0), better_f1.mean(0))
     seeds = np.repeat([r["seed"] for r in runs], int(keep.sum()))
     units = np.tile(np.flatnonzero(keep), len(runs))
