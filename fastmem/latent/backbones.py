@@ -207,7 +207,8 @@ class DecoderOnlyBackbone:
             p = self.prompt(q)
             if contexts is not None:
                 p = self._tok(contexts[i]) + p
-            a = (self._tok(" " + answers[i])[: self.answer_tokens] + [self.stop_id]) if answers else []
+            # answers are stripped: a stray leading space in the data would make a target no rule generates
+            a = (self._tok(" " + answers[i].strip())[: self.answer_tokens] + [self.stop_id]) if answers else []
             rows.append(p + a)
             labels.append([-100] * (len(p) - 1) + a + [-100])
         b = len(rows)
@@ -304,8 +305,8 @@ class DecoderOnlyBackbone:
         """
         ok = []
         for answer in answers:
-            tokens = torch.tensor(self._tok(" " + answer)[: self.answer_tokens], device=self.device)
-            passed, previous = True, None
+            tokens = torch.tensor(self._tok(" " + answer.strip())[: self.answer_tokens], device=self.device)
+            passed, previous = bool(answer.strip()), None  # an empty answer is never generated
             for step, token in enumerate(tokens):
                 barred = self.barred(step, previous)  # for this one row, when it applies
                 if barred is not None and bool(torch.isin(token, barred[1]).any()):
@@ -417,7 +418,8 @@ class EncoderDecoderBackbone:
         enc = self.model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         labels = None
         if answers:
-            rows = [self.tokenizer.encode(a, add_special_tokens=False)[: self.answer_tokens] + [self.stop_id] for a in answers]
+            rows = [self.tokenizer.encode(a.strip(), add_special_tokens=False)[: self.answer_tokens] + [self.stop_id]
+                    for a in answers]
             labels = _padded(rows, -100, self.device, left=False)
         return QuestionBatch(ids, mask.bool(), None, labels, enc)
 

@@ -95,7 +95,8 @@ def answer_chunks(backbone, adapter, chunks: list, banks: list | None, max_new_t
 def encode_conversations(backbone, convs, cache: dict | None = None) -> dict[str, list[torch.Tensor]]:
     """Each conversation's turn states, every distinct turn text encoded once (chapter 4)."""
     cache = {} if cache is None else cache
-    new = sorted({t for c in convs for t in c.turns} - set(cache))
+    # by length, so that a batch pads its turns to a similar length (padding is masked)
+    new = sorted({t for c in convs for t in c.turns} - set(cache), key=lambda t: (len(t), t))
     cache.update(zip(new, backbone.encode_turns(new)))
     return {c.sample_id: [cache[t] for t in c.turns] for c in convs}
 
