@@ -33,7 +33,8 @@ from .instruments import constant_agreement, effective_rows, modal_share, probe_
 
 __all__ = ["CAPACITY_ROWS", "DESIGN_NAMES", "DESIGNS", "INJECTION", "METHOD_NAMES", "METHODS", "WRITE_RULES",
            "LatentAdapter", "shared_features", "write_centre", "Curriculum", "fact_curriculum",
-           "constant_agreement", "effective_rows", "modal_share", "probe_bank", "read_gradient", "DecoderOnlyBackbone", "EncoderDecoderBackbone", "QuestionBatch",
-           "hidden_rms", "make_backbone", "LAG_EDGES", "LAG_LABELS", "forgetting_curve", "isotonic_nonincreasing",
-           "lag_bucket", "train_adapter", "train_until_plateau", "CONDITIONS", "asking_points", "paired_endpoint",
+           "constant_agreement", "effective_rows", "modal_share", "probe_bank", "read_gradient",
+           "DecoderOnlyBackbone", "EncoderDecoderBackbone", "QuestionBatch", "hidden_rms", "make_backbone",
+           "LAG_EDGES", "LAG_LABELS", "forgetting_curve", "isotonic_nonincreasing", "lag_bucket",
+           "train_adapter", "train_until_plateau", "CONDITIONS", "asking_points", "paired_endpoint",
            "run_latent_experiment", "text_contexts", "resolve_device", "ServedAdapter"]

@@ -56,7 +56,7 @@ MEMORY_KIND = "latent_adapter"
 
 @dataclass(frozen=True)
 class Design:
-    """How states are written and how the read starts (chapter 4, "Why the read could not learn").
+    """How states are written and how the read starts (chapter 4, "Why the first read could not learn").
 
     ``centred``: states of massive norm (the attention sink at a sequence's first position,
     about a hundred times the others' norm and without content) are not written, and each state
@@ -65,9 +65,9 @@ class Design:
     ``normalised_rows``: a token is addressed against the RMS-normalised rows, so that a row
     that already holds much does not draw every later token to itself (with raw rows the
     content term grows with the row); ``address_scale`` multiplies the address logits, so that
-    a normalised token lands on a few rows rather than a little on every row; ``gate`` is the gate's initial value, and
-    ``zero_output`` starts the read's output projection at zero instead (as LoRA and ControlNet
-    do): with the paper's closed gate, ``tanh(0) = 0`` multiplies the whole read, so no gradient
+    a normalised token lands on a few rows rather than a little on every row; ``gate`` is the
+    gate's initial value, and ``zero_output`` starts the read's output projection at zero
+    instead (as LoRA and ControlNet do): with the paper's closed gate, ``tanh(0) = 0`` multiplies the whole read, so no gradient
     reaches what the read retrieves.
     """
 

@@ -82,14 +82,19 @@ def prepare_chunks(backbone, questions: list[dict], prefix: str, *, answers: boo
             for s in range(0, len(questions), chunk)]
 
 
+def _by_chunk(chunks: list, banks: list | None, answer) -> list:
+    """``answer(batch, bank)`` for each chunk, question ``i`` reading ``banks[i]`` (no bank: ``None``)."""
+    out, start = [], 0
+    for batch in chunks:
+        out.append(answer(batch, None if banks is None else torch.stack(banks[start:start + len(batch)])))
+        start += len(batch)
+    return out
+
+
 def answer_chunks(backbone, adapter, chunks: list, banks: list | None, max_new_tokens: int) -> list[str]:
     """Greedy answers, question ``i`` reading ``banks[i]`` (no bank: ``None``; chapter 4)."""
-    preds, start = [], 0
-    for batch in chunks:
-        bank = None if banks is None else torch.stack(banks[start:start + len(batch)])
-        preds += backbone.generate(adapter, bank, batch, max_new_tokens)
-        start += len(batch)
-    return preds
+    answers = _by_chunk(chunks, banks, lambda batch, bank: backbone.generate(adapter, bank, batch, max_new_tokens))
+    return [a for chunk in answers for a in chunk]
 
 
 def encode_conversations(backbone, convs, cache: dict | None = None) -> dict[str, list[torch.Tensor]]:
@@ -147,25 +152,20 @@ class Curriculum:
 
 
 def _answer_nll(backbone, adapter, chunks: list, banks: list) -> np.ndarray:
-    out, start = [], 0
-    for batch in chunks:
-        out.append(backbone.answer_nll(adapter, torch.stack(banks[start:start + len(batch)]), batch).cpu())
-        start += len(batch)
-    return torch.cat(out).numpy()
+    losses = _by_chunk(chunks, banks, lambda batch, bank: backbone.answer_nll(adapter, bank, batch).cpu())
+    return torch.cat(losses).numpy()
 
 
 def _features(backbone, states: dict, sids, seed: int, design: str, centre) -> dict:
     return {sid: shared_features(backbone.width, states[sid], seed, design, centre) for sid in sids}
 
 
-def _pretrain(adapter, backbone, curriculum: Curriculum, seed: int, design: str, centre, train: dict,
-              device) -> dict:
-    """Train the read on the curriculum's facts, each question with its conversation's whole bank."""
-    questions = curriculum.train + curriculum.valid
-    sids = {q["sample_id"] for q in questions}
-    states = {sid: [z.to(device) for z in curriculum.states[sid]] for sid in sids}
-    features = _features(backbone, states, sids, seed, design, centre)
-    banks = {sid: adapter.write_turns(adapter.empty_bank(), features=features[sid])[0] for sid in sids}
+def _pretrain(adapter, backbone, curriculum: Curriculum, features: dict, seed: int, train: dict, device) -> dict:
+    """Train the read on the curriculum's facts, each question with its conversation's whole bank.
+
+    ``features``: the curriculum conversations' write projections for this adapter's seed and design.
+    """
+    banks = {sid: adapter.write_turns(adapter.empty_bank(), features=f)[0] for sid, f in features.items()}
     prepared = {part: [b.to(device) for b in curriculum.prepared[part]] for part in ("train", "valid")}
     settings = {**train, "max_steps": curriculum.steps, "eval_every": curriculum.eval_every,
                 "patience": curriculum.patience}
@@ -215,16 +215,22 @@ def run_latent_experiment(backbone, convs: dict[str, Conversation], train_questi
         for name in set(conditions) & set(keys):
             sid, point = keys[name](q)
             needed.setdefault(sid, set()).add(point)
+    if curriculum is not None:
+        lesson_ids = {q["sample_id"] for q in curriculum.train + curriculum.valid}
+        lesson_states = {sid: [z.to(device) for z in curriculum.states[sid]] for sid in lesson_ids}
     runs = []
     for seed in seeds:
         features = _features(backbone, states, needed, seed, design, centre)
+        # the curriculum's banks differ by method and capacity, its write projections only by seed
+        lesson_features = None if curriculum is None else _features(
+            backbone, lesson_states, lesson_ids, seed, design, centre)
         for gamma in gammas:
             for method in methods:
                 adapter = LatentAdapter(method, backbone.width, rows, gamma=gamma, top_k=slot_top_k, seed=seed,
                                         hidden_rms=scale, model=backbone_model, design=design, centre=centre,
                                         device=device)
                 pretrained = None if curriculum is None else _pretrain(
-                    adapter, backbone, curriculum, seed, design, centre, train, device)
+                    adapter, backbone, curriculum, lesson_features, seed, train, device)
                 banks = _banks(adapter, features, needed)
                 info = train_until_plateau(
                     adapter, backbone, prepared["train"][0], [banks[keys["own"](q)] for q in train_questions],

@@ -1,4 +1,4 @@
-"""Instruments that say why a read does or does not learn (chapter 4, "Why the read could not learn").
+"""Instruments that say why a read does or does not learn (chapter 4, "Why the first read could not learn").
 
 Before a null is called a budget limit, three questions are measured:
 
@@ -18,6 +18,7 @@ answers equal a given constant, or its own most common answer.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,7 +53,7 @@ class ProbeResult:
 
 
 class _AttentionProbe(nn.Module):
-    """One learned query attends over the normalised rows; a linear layer names the class."""
+    """Four learned queries attend over the normalised rows; a linear layer names the class."""
 
     def __init__(self, width: int, n_classes: int):
         super().__init__()
@@ -132,7 +133,8 @@ def read_gradient(adapter: LatentAdapter, backbone, batch, banks: list[torch.Ten
     Residual reads only (M.2, M.4, M.5, M.6), on a decoder-only backbone. ``batch``: teacher-forcing
     questions, ``banks[i]`` the bank question ``i`` reads; ``train``:
     :func:`~fastmem.latent.training.train_until_plateau`'s settings but the step counts (it trains
-    the adapter in place on the same questions, with no early stopping).
+    the adapter in place on the same questions, and keeps the trained state only if it lowered the
+    loss on them).
     """
     stacked = torch.stack(banks)
     before = _read_state(adapter, backbone, batch, stacked, 0)
@@ -141,10 +143,13 @@ def read_gradient(adapter: LatentAdapter, backbone, batch, banks: list[torch.Ten
     return before, _read_state(adapter, backbone, batch, stacked, steps)
 
 
+def _plain(answer: str) -> str:
+    return " ".join(answer.lower().split())
+
+
 def constant_agreement(predictions: list[str], constant: str) -> float:
     """The share of answers equal to ``constant`` (case and spacing ignored): the collapse check (chapter 4)."""
-    norm = " ".join(constant.lower().split())
-    return float(np.mean([" ".join(p.lower().split()) == norm for p in predictions])) if predictions else 0.0
+    return float(np.mean([_plain(p) == _plain(constant) for p in predictions])) if predictions else 0.0
 
 
 def modal_share(predictions: list[str]) -> float:
@@ -154,4 +159,4 @@ def modal_share(predictions: list[str]) -> float:
     """
     if not predictions:
         return 0.0
-    return max(constant_agreement(predictions, p) for p in set(predictions))
+    return Counter(map(_plain, predictions)).most_common(1)[0][1] / len(predictions)
