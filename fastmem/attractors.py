@@ -38,16 +38,13 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from . import stats
 from .errors import ParameterError
 from .models import model_info, transformer_blocks
 from .names import ATTRACTOR_INITS, ATTRACTOR_SITES
 from .persistence import StoredMemory, load_memory, save_memory
-from .report import interval_text
 from .serving import HookedMemory
 
 MEMORY_KIND = "attractor_layer"
@@ -256,8 +253,7 @@ class AttractorLayer(HookedMemory):
         cfg = self.config
         generator = torch.Generator(device=h.device).manual_seed(cfg.seed)
         if cfg.init == "random":
-            directions = torch.randn(self.n_streams, cfg.n_attractors, h.shape[-1], generator=generator, device=h.device)
-            return directions / directions.norm(dim=-1, keepdim=True) * pooled.norm(dim=-1)[:, None, None]
+            return random_attractors(pooled, cfg.n_attractors, generator)
         if self.n_streams == 1:
             h, weights = h.reshape(1, -1, h.shape[-1]), weights.reshape(1, -1)
         # Distinct positions where the pass has K of them (decided by its shape, not its values);
@@ -266,6 +262,17 @@ class AttractorLayer(HookedMemory):
         picks = torch.multinomial(weights.clamp_min(0) + 1e-12, cfg.n_attractors, replacement=not enough,
                                   generator=generator)
         return torch.gather(h, 1, picks[..., None].expand(-1, -1, h.shape[-1])).clone()
+
+    def feedback_weights(self) -> torch.Tensor:
+        """Per stream and attractor, the weight ``g_k s_k max(c_k, 0)`` of ``A_k`` in the feedback (chapter 3).
+
+        From the current strengths and the last pass's similarity; ``g_k`` is the gate (1 without gating).
+        """
+        cfg, c = self.config, self.similarity
+        weight = self.strengths * c.clamp_min(0)
+        if cfg.gate_threshold is not None:
+            weight = weight * (c >= cfg.gate_threshold).to(weight.dtype)
+        return weight
 
     def _update(self, x: torch.Tensor) -> None:
         """One update of the state from pooled activations ``x`` (R, d); vectorised over attractors."""
@@ -280,9 +287,7 @@ class AttractorLayer(HookedMemory):
         self.strengths = torch.where(activated, grown, (1 - cfg.decay) * self.strengths)
         self.attractors = a + cfg.pull * act[..., None] * (x[:, None, :] - a)
         self.similarity = c
-        weight = self.strengths * c.clamp_min(0)
-        if cfg.gate_threshold is not None:
-            weight = weight * (c >= cfg.gate_threshold).to(weight.dtype)
+        weight = self.feedback_weights()
         self.feedback = cfg.feedback_strength * torch.einsum("rk,rkd->rd", weight, self.attractors)
         self.passes += 1
         if self.record is not None:
@@ -296,124 +301,15 @@ class AttractorLayer(HookedMemory):
             })
 
 
+def random_attractors(pooled: torch.Tensor, n_attractors: int, generator: torch.Generator) -> torch.Tensor:
+    """``K`` random Gaussian directions per stream, scaled to the norm of the pooled activation (chapter 3).
 
-# ---------------------------------------------------------------------------- failure modes
-def _log_probs(model, x: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(model(x).logits.float(), -1)
-
-
-@torch.no_grad()
-def plain_log_probabilities(model, windows: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Next-token log-probabilities of the plain model, one tensor per window (chapter 3, section 3.6)."""
-    return [_log_probs(model, x) for x in windows]
-
-
-@torch.no_grad()
-def stream_effect(model, config: AttractorConfig, windows: list[torch.Tensor], *, fresh: bool = False,
-                  plain_log_probs: list[torch.Tensor] | None = None) -> dict:
-    """How a layer reading ``windows`` in order (one forward pass each) changes the model (chapter 3, section 3.6).
-
-    Per window after the first (the first pass has no feedback yet), against the plain model on the
-    same window: ``kl``, the mean KL divergence of the next-token distribution (nats per token);
-    ``answer_changes``, the share of positions whose greedy next token changes; ``nll``, the mean
-    next-token loss with the layer, and ``plain_nll`` without. Per pass: ``several_active``, 1 when
-    more than one attractor was active. ``feedback_ratio``: size of the last feedback over the
-    pooled activation. With ``fresh``, ``fresh_cosine`` per window after the first: the cosine
-    between the feedback the layer prepares after reading windows ``0..j`` and the one a fresh
-    layer prepares after reading window ``j`` alone (1 when nothing of the history is kept).
-    ``plain_log_probs``: the plain model's :func:`plain_log_probabilities` of ``windows``, computed
-    here when not given (pass them to share one plain run between configurations).
+    ``pooled`` is ``(R, d)``; returns ``(R, K, d)`` drawn from ``generator`` on ``pooled``'s device
+    (``init="random"``).
     """
-    layer = AttractorLayer(model, config)
-    layer.record = []
-    rows = {"kl": [], "answer_changes": [], "nll": [], "plain_nll": [], "feedback": []}
-    plain = plain_log_probs if plain_log_probs is not None else plain_log_probabilities(model, windows)
-    with layer:
-        for x, reference in zip(windows, plain):
-            log_p = _log_probs(model, x)
-            rows["kl"].append((reference.exp() * (reference - log_p)).sum(-1).mean().item())
-            rows["answer_changes"].append((log_p.argmax(-1) != reference.argmax(-1)).float().mean().item())
-            for name, values in (("nll", log_p), ("plain_nll", reference)):
-                rows[name].append(-values[0, :-1].gather(-1, x[0, 1:, None]).mean().item())
-            rows["feedback"].append(layer.feedback[0].clone())
-    record = layer.diagnostics()
-    result = {name: np.array(values[1:]) for name, values in rows.items() if name != "feedback"}
-    result["several_active"] = np.array([r["several_activated"] for r in record])
-    result["feedback_ratio"] = record[-1]["feedback_norm"] / record[-1]["activation_norm"]
-    if fresh:
-        cosines = []
-        for x, remembered in zip(windows[1:], rows["feedback"][1:]):
-            new = AttractorLayer(model, config)
-            with new:
-                model(x)
-            cosines.append(torch.cosine_similarity(remembered, new.feedback[0], 0).item())
-        result["fresh_cosine"] = np.array(cosines)
-    return result
-
-
-def effect_summary(effect: dict, n_boot: int = 2000, seed: int = 0) -> dict:
-    """One row of chapter 3's failure-mode tables from a :func:`stream_effect` result (section 3.6).
-
-    ``several active``: share of passes with more than one active attractor; ``KL`` and ``answer
-    changes``: means over windows with percentile bootstrap intervals over windows
-    (:func:`fastmem.stats.bootstrap_ci`); ``loss change %``: change of the mean next-token loss.
-    """
-    kl = stats.bootstrap_ci(effect["kl"], n_boot=n_boot, seed=seed)
-    answers = stats.bootstrap_ci(effect["answer_changes"], n_boot=n_boot, seed=seed)
-    return {
-        "several active": float(effect["several_active"].mean()),
-        "KL": kl[0],
-        "KL 95% CI": interval_text(kl[1], kl[2], 1, scientific=True),
-        "answer changes": answers[0],
-        "changes 95% CI": interval_text(answers[1], answers[2]),
-        "loss change %": float(100 * (effect["nll"].mean() / effect["plain_nll"].mean() - 1)),
-    }
-
-
-@torch.no_grad()
-def topic_switch(model, config: AttractorConfig, windows_a: list[torch.Tensor], windows_b: list[torch.Tensor]
-                 ) -> np.ndarray:
-    """Where the layer's state points while it reads topic A, then topic B (chapter 3, section 3.6).
-
-    The direction ``d = sum_k w_k A_k / sum_k w_k`` (``w_k = s_k max(c_k, 0)``, the weights of the
-    feedback) is projected on the axis between the two topics' mean activations at the layer's
-    site (plain model): +1 at topic A's mean, -1 at topic B's. One value per pass, A's passes first.
-    """
-    layer = AttractorLayer(model, config)
-    means = []
-    for windows in (windows_a, windows_b):
-        captured = []
-        hook = layer.module.register_forward_hook(
-            lambda module, args, output: captured.append(
-                (output[0] if isinstance(output, tuple) else output).float().mean((0, 1))))
-        for x in windows:
-            model(x)
-        hook.remove()
-        means.append(torch.stack(captured).mean(0))
-    centre, axis = (means[0] + means[1]) / 2, (means[0] - means[1]) / 2
-    positions = []
-    with layer:
-        for x in [*windows_a, *windows_b]:
-            model(x)
-            weight = layer.strengths[0] * layer.similarity[0].clamp_min(0)
-            direction = (weight[:, None] * layer.attractors[0]).sum(0) / weight.sum().clamp_min(1e-12)
-            positions.append(((direction - centre) @ axis / (axis @ axis)).item())
-    return np.array(positions)
-
-
-def switch_summary(positions, n_before: int) -> dict:
-    """Lag and snap-back of one :func:`topic_switch` track whose switch follows pass ``n_before`` (chapter 3).
-
-    ``lag``: passes after the switch until the state is first nearer topic B (position < 0);
-    ``n_after + 1`` when it never is (censored). ``old_share``: share of the passes after the
-    switch on which the state is nearer topic A. ``snapped``: 1 if, after first crossing to B, the
-    state returns nearer A on a later pass.
-    """
-    after = np.asarray(positions, float)[n_before:]
-    crossed = np.flatnonzero(after < 0)
-    lag = int(crossed[0]) + 1 if crossed.size else len(after) + 1
-    snapped = bool(crossed.size and (after[crossed[0]:] > 0).any())
-    return {"lag": lag, "old_share": float((after > 0).mean()), "snapped": float(snapped)}
+    shape = (pooled.shape[0], n_attractors, pooled.shape[-1])
+    directions = torch.randn(shape, generator=generator, device=pooled.device)
+    return directions / directions.norm(dim=-1, keepdim=True) * pooled.norm(dim=-1)[:, None, None]
 
 
 # The two operating-point rules of chapter 3's plan (plans/03.yaml), by the name the plan gives them.

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from . import stats
 from .data import RecallProbe
 from .errors import ParameterError
-from .evaluation import distinct_n, normalise_answer, repeated_ngram_rate, token_f1
+from .evaluation import distinct_n, locomo_f1, normalise_answer, repeated_ngram_rate
 from .generation import chat, generate, left_padded
 from .models import transformer_blocks
 from .report import estimate_text, number_text
@@ -502,7 +502,7 @@ def comprehension_prompt(tokenizer, item: dict, with_evidence: bool = True) -> s
 def comprehension(model, tokenizer, items: list[dict], memory=None, *, with_evidence: bool = True,
                   preload_evidence: bool = False, batch_size: int = 8, answer_tokens: int = 16,
                   progress: bool = True) -> dict:
-    """Token F1 of greedy answers to ``items``, one memory state per item (chapter 3, measurement 4).
+    """LoCoMo scores (:func:`fastmem.evaluation.locomo_f1`) of greedy answers to ``items``, one memory state per item (chapter 3).
 
     ``preload_evidence``: before the question, the evidence is passed once through the model with
     the memory attached (a separate forward pass), so that only the memory can carry it to the
@@ -523,7 +523,7 @@ def comprehension(model, tokenizer, items: list[dict], memory=None, *, with_evid
         for item, output in zip(group, outputs):
             text = tokenizer.decode(output, skip_special_tokens=True).strip()
             answers.append(text)
-            f1.append(token_f1(text, item["answer"]))
+            f1.append(locomo_f1(text, item["answer"], item["category"]))
     return {"f1": np.array(f1), "answers": answers}
 
 

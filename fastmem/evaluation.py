@@ -9,9 +9,14 @@ import string
 from collections import Counter
 
 import numpy as np
+from nltk.stem import PorterStemmer
+
+from .errors import ParameterError
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 _WORD = re.compile(r"[a-z0-9]+")
+_LOCOMO_STOPWORDS = re.compile(r"\b(a|an|the|and)\b")
+_STEMMER = PorterStemmer()
 
 
 def first_word(text: str) -> str:
@@ -25,16 +30,29 @@ def first_word(text: str) -> str:
 
 
 def normalise_answer(text: str) -> list[str]:
-    """SQuAD-style normalisation into tokens: lower case, no punctuation or articles (chapters 3 and 4)."""
+    """SQuAD-style normalisation into tokens: lower case, no punctuation or articles (chapter 3's recall probes)."""
     text = _PUNCTUATION.sub(" ", text.lower())
     return [t for t in text.split() if t not in ("a", "an", "the")]
 
 
+def locomo_tokens(text: str) -> list[str]:
+    """LoCoMo's official answer normalisation, then Porter stems (chapters 3 and 4).
+
+    As ``task_eval/evaluation.py`` of the LoCoMo release: commas dropped, lower case, punctuation
+    removed, the words "a", "an", "the" and "and" removed, each remaining word stemmed (NLTK's
+    Porter stemmer), so that "hiking" matches "hike" and "Paris, France" matches "paris france".
+    """
+    text = str(text).replace(",", "").lower()
+    text = "".join(ch for ch in text if ch not in string.punctuation)
+    return [_STEMMER.stem(word) for word in _LOCOMO_STOPWORDS.sub(" ", text).split()]
+
+
 def token_f1(prediction: str, gold: str) -> float:
-    """SQuAD/LoCoMo token-level F1 between a prediction and a gold answer (chapters 3 and 4)."""
-    pred, ref = normalise_answer(prediction), normalise_answer(gold)
-    if not pred or not ref:
-        return float(pred == ref)
+    """LoCoMo's token F1 between a prediction and a gold answer, on :func:`locomo_tokens` (chapters 3 and 4).
+
+    As the official scorer, an empty prediction or gold answer scores 0.
+    """
+    pred, ref = locomo_tokens(prediction), locomo_tokens(gold)
     overlap = sum((Counter(pred) & Counter(ref)).values())
     if overlap == 0:
         return 0.0
@@ -42,9 +60,31 @@ def token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def locomo_f1(prediction: str, gold, category: int) -> float:
+    """The official LoCoMo score of one answer by question category (chapters 3 and 4).
+
+    Category 1 (several answers): the gold answer and the prediction are split at commas, and each
+    gold part takes its best-matching predicted part; category 3: only the gold answer before the
+    first ";" counts; category 5 (adversarial): 1 if the prediction says "no information available"
+    or "not mentioned"; every other category (2, 4, and the book's own invented facts): :func:`token_f1`.
+    """
+    gold = str(gold)
+    if category == 5:
+        said = prediction.lower()
+        return float("no information available" in said or "not mentioned" in said)
+    if category == 3:
+        gold = gold.split(";")[0].strip()
+    if category == 1:
+        parts = [p.strip() for p in prediction.split(",")]
+        return float(np.mean([max(token_f1(p, g.strip()) for p in parts) for g in gold.split(",")]))
+    return token_f1(prediction, gold)
+
+
 def answer_f1(predictions: list[str], questions: list[dict]) -> np.ndarray:
-    """SQuAD/LoCoMo token F1 of each prediction against its gold answer (chapter 4)."""
-    return np.array([token_f1(p, q["answer"]) for p, q in zip(predictions, questions)])
+    """The official LoCoMo score (:func:`locomo_f1`) of each prediction against its question (chapters 3 and 4)."""
+    if len(predictions) != len(questions):
+        raise ParameterError(f"{len(predictions)} predictions for {len(questions)} questions")
+    return np.array([locomo_f1(p, q["answer"], q.get("category", 0)) for p, q in zip(predictions, questions)])
 
 
 def bm25_top_k(query: str, docs: list[str], k: int, k1: float = 1.5, b: float = 0.75) -> list[int]:

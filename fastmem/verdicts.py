@@ -32,6 +32,11 @@ common to every kind, applied in this order:
 - ``collapsed`` (a glued flag: did the method's answers collapse to a constant?): the verdict is
   "inconclusive (collapsed)" whatever the numbers say, since a method that gives every
   question the same answer has not been tested at reading (chapter 4).
+
+A claim that depends on a setting is judged over a registered grid (kind ``grid``, chapter 3): its
+``member`` rule is decided at each point of the grid, with ``{point}`` in every endpoint name
+replaced by the point's name (the glued text ``points`` lists them, space-separated), and the claim
+"holds" where it holds at some point: :func:`grid_verdicts` gives the verdict at each point.
 """
 
 from __future__ import annotations
@@ -290,6 +295,38 @@ def _all(spec, glued):
     return verdict
 
 
+def _filled(value, point: str):
+    if isinstance(value, str):
+        return value.replace("{point}", point)
+    if isinstance(value, dict):
+        return {key: _filled(item, point) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_filled(item, point) for item in value]
+    return value
+
+
+def grid_verdicts(spec: dict, glued: dict) -> dict[str, str]:
+    """The verdict of a ``grid`` rule's member at each point of its grid, in the grid's order (chapter 3)."""
+    points = str(_value(spec["points"], glued)).split()
+    return {point: decide_rule(_filled(spec["member"], point), glued) for point in points}
+
+
+def _grid(spec, glued):
+    """Is there a point of the grid where the claim holds? Holds (or holds partly) at some point; does
+    not hold where it fails at every point; otherwise open, for the reason shared by the open points."""
+    found = list(grid_verdicts(spec, glued).values())
+    for verdict in (stats.HOLDS, stats.PARTLY):
+        if verdict in found:
+            return verdict
+    still_open = [v for v in found if v != stats.DOES_NOT_HOLD]
+    if found and not still_open:
+        return stats.DOES_NOT_HOLD
+    for reason in (UNDERPOWERED, COLLAPSED):
+        if still_open and all(v == reason for v in still_open):
+            return reason
+    return stats.INCONCLUSIVE
+
+
 def _first(spec, glued):
     """The first of several verdicts found in a fixed order of severity (for example "quiet on every prompt set")."""
     members = [decide_rule(member, glued) for member in spec["of"]]
@@ -297,7 +334,8 @@ def _first(spec, glued):
 
 
 RULE_KINDS = {"effect": _effect, "within": _within, "at_most": _at_most, "at_least": _at_least,
-              "reaches": _reaches, "below": _below, "by_construction": _by_construction, "all": _all, "first": _first}
+              "reaches": _reaches, "below": _below, "by_construction": _by_construction, "all": _all, "first": _first,
+              "grid": _grid}
 
 
 def _underpowered(spec: dict, glued: dict) -> bool:
@@ -315,7 +353,7 @@ def decide_rule(spec: dict, glued: dict) -> str:
     """The verdict of one rule on a chapter's glued values (all chapters; rule kinds in the module docstring)."""
     if "collapsed" in spec and _value(spec["collapsed"], glued):
         return COLLAPSED  # a method that answers everything alike was not tested at all
-    if spec["kind"] not in ("by_construction", "all", "first") and _underpowered(spec, glued):
+    if spec["kind"] not in ("by_construction", "all", "first", "grid") and _underpowered(spec, glued):
         return UNDERPOWERED
     verdict = RULE_KINDS[spec["kind"]](spec, glued)
     if verdict in (stats.HOLDS, stats.PARTLY) and "p" in spec:

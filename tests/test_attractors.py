@@ -8,8 +8,8 @@ import torch
 
 from fastmem import benchmark as bm
 from fastmem import evaluation, stats, verdicts
-from fastmem.attractors import (ATTRACTOR_SITES, OPERATING_RULES, AttractorConfig, AttractorLayer, effect_summary,
-                                operating_point, qualifying, stream_effect, switch_summary, topic_switch)
+from fastmem.attractors import (ATTRACTOR_SITES, OPERATING_RULES, AttractorConfig, AttractorLayer, operating_point,
+                                qualifying)
 from fastmem.book import glued_values
 from fastmem.data import load_recall_probes
 from fastmem.errors import ParameterError
@@ -220,41 +220,6 @@ def test_overhead_verdict_on_synthetic_timings():
         bm.timing_ratio([1.0, 2.0], [1.0])
 
 
-def test_stream_effect_is_zero_without_feedback_and_fresh_cosine_sees_history(tiny_neox):
-    model, _, _ = tiny_neox
-    windows = _inputs(4)
-    noop = stream_effect(model, AttractorConfig(layer=1, n_attractors=4, feedback_strength=0.0), windows)
-    assert np.all(noop["kl"] == 0) and np.all(noop["answer_changes"] == 0) and len(noop["kl"]) == 3
-    np.testing.assert_allclose(noop["nll"], noop["plain_nll"])
-    acting = stream_effect(model, AttractorConfig(layer=1, n_attractors=4, feedback_strength=4.0), windows)
-    assert np.all(acting["kl"] > 0)
-    # a layer that forgets nothing keeps its history's attractors: its feedback differs from a fresh layer's
-    kept = stream_effect(model, AttractorConfig(layer=1, n_attractors=4, decay=0.0, pull=0.0), windows, fresh=True)
-    assert len(kept["fresh_cosine"]) == 3 and kept["fresh_cosine"].max() < 0.99
-    # pull = 1 replaces the one attractor by this pass's activation, so the feedback's direction
-    # depends on this pass alone, as a fresh layer's does (windows that share most tokens keep the
-    # similarity positive, so that neither feedback is zero)
-    similar = [windows[0].clone() for _ in range(4)]
-    for i, x in enumerate(similar):
-        x[0, i] = 7
-    forgetting = stream_effect(model, AttractorConfig(layer=1, n_attractors=1, decay=1.0, pull=1.0), similar,
-                               fresh=True)
-    np.testing.assert_allclose(forgetting["fresh_cosine"], 1.0, atol=1e-5)
-
-
-def test_switch_summary_on_known_tracks():
-    assert switch_summary([1, 1, 1, 0.5, -0.5, -1], 3) == {"lag": 2, "old_share": 1 / 3, "snapped": 0.0}
-    assert switch_summary([1, 1, -0.2, 0.3, -1], 2) == {"lag": 1, "old_share": 1 / 3, "snapped": 1.0}
-    assert switch_summary([1, 1, 0.9, 0.8], 2)["lag"] == 3  # never crossed: censored at passes after + 1
-
-
-def test_topic_switch_follows_the_topics(tiny_neox):
-    model, _, _ = tiny_neox
-    a, b = _inputs(3, seed=1), _inputs(3, seed=2)
-    positions = topic_switch(model, AttractorConfig(layer=1, n_attractors=2, pull=1.0, decay=1.0), a, b)
-    assert positions.shape == (6,) and np.all(np.isfinite(positions))
-
-
 def test_repetition_metrics():
     assert evaluation.repeated_ngram_rate([1, 2, 3, 4, 5], 2) == 0
     assert evaluation.repeated_ngram_rate([1, 2, 1, 2, 1, 2], 2) == 3 / 5
@@ -382,14 +347,6 @@ def test_shared_perplexity_equals_the_full_model(fixture, request):
     assert not np.allclose(full["nll"][1:], plain["nll"][1:], rtol=1e-4), "the layer must act (control)"
     early = bm.perplexity_windows(full, [0, 1])
     assert early["tokens"].sum() == full["tokens"][:2].sum()
-
-
-def test_effect_summary_reads_a_stream_effect(tiny_neox):
-    model, _, _ = tiny_neox
-    effect = stream_effect(model, AttractorConfig(layer=1, n_attractors=4, feedback_strength=0.0), _inputs(5))
-    row = effect_summary(effect, n_boot=50, seed=0)
-    assert row["KL"] == 0 and row["answer changes"] == 0 and row["loss change %"] == 0
-    assert row["KL 95% CI"] == "[0.0e+00, 0.0e+00]"
 
 
 def test_suite_cell_writes_value_change_and_interval():

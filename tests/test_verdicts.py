@@ -98,6 +98,26 @@ def test_all_and_first():
     assert decide_rule(first, {}) == DOES_NOT_HOLD
 
 
+def test_grid_holds_where_some_point_holds_and_fails_only_where_every_point_fails():
+    rule = {"kind": "grid", "points": "grid", "member": {"kind": "within", "low": "low_{point}",
+                                                          "high": "high_{point}", "band": 1.0}}
+    inside, outside, wide = (-0.5, 0.5), (2.0, 3.0), (-2.0, 2.0)
+
+    def glued(*intervals):
+        values = {"grid": " ".join(f"s{i}" for i in range(len(intervals)))}
+        for i, (low, high) in enumerate(intervals):
+            values.update({f"low_s{i}": low, f"high_s{i}": high})
+        return values
+
+    assert verdicts.grid_verdicts(rule, glued(inside, outside)) == {"s0": HOLDS, "s1": DOES_NOT_HOLD}
+    assert decide_rule(rule, glued(inside, outside)) == HOLDS
+    assert decide_rule(rule, glued(outside, outside)) == DOES_NOT_HOLD
+    assert decide_rule(rule, glued(outside, wide)) == INCONCLUSIVE
+    assert decide_rule(rule, glued()) == INCONCLUSIVE
+    with pytest.raises(verdicts.MissingEndpoint):
+        decide_rule(rule, {"grid": "s0"})
+
+
 @pytest.mark.parametrize("low, high", [(1.2, 2.0), (-0.2, 0.5), (-0.5, 1.5)])
 def test_a_collapsed_method_is_inconclusive_whatever_its_interval(low, high):
     rule = {"kind": "effect", "low": low, "high": high, "claimed": 1.0, "collapsed": "constant"}
