@@ -20,6 +20,7 @@ from .errors import ParameterError
 
 CONFIGURATIONS = ("ungated", "gating + burn-in")
 _SHORT = {"ungated": "ungated", "gating + burn-in": "gated"}
+_COLOUR = {"ungated": "tab:blue", "gating + burn-in": "tab:orange"}  # the same in every panel
 
 
 @dataclass(frozen=True)
@@ -87,14 +88,17 @@ def curve_figure(panels: list[tuple[str, list[Curve], float, tuple[float, float]
         if band is not None:
             ax.axhspan(*band, color="0.85", label="within the claim's band")
         ax.axhline(0, color="black", linewidth=0.8)
-        ax.axhline(claimed, color="tab:red", linestyle="--", label=f"seed's claim ({claimed:+g}%)")
-        for offset, curve in zip((0.97, 1.03), curves):
+        claim = f"{claimed:+g}%" if claimed else "0%"
+        ax.axhline(claimed, color="tab:red", linestyle="--", label=f"seed's claim ({claim})")
+        for curve in curves:
+            offset = 0.97 if curve.configuration == CONFIGURATIONS[0] else 1.03
             x = np.array(curve.strengths) * offset  # side by side, so that intervals do not hide each other
             change, low, high = (np.array(v, float) for v in (curve.change, curve.low, curve.high))
             # a percentile interval need not contain its estimate (the perplexity interval weighs
             # windows equally, the estimate tokens): a bar never points backwards
             bars = [np.clip(change - low, 0, None), np.clip(high - change, 0, None)]
-            ax.errorbar(x, change, yerr=bars, marker="o", capsize=3, label=curve.configuration)
+            ax.errorbar(x, change, yerr=bars, marker="o", capsize=3, color=_COLOUR[curve.configuration],
+                        label=curve.configuration)
         ax.set_xscale("log")
         ax.set_ylabel(ylabel)
         ax.legend(fontsize=8, loc="best")

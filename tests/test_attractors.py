@@ -18,7 +18,8 @@ from fastmem.models import transformer_blocks
 from conftest import executed_ci_notebook
 
 GLUED = ("attractor_ppl_delta_pct", "attractor_overhead_pct", "attractor_long_recall_change_pct",
-         "attractor_repetition_change", "attractor_gated_comprehension_change_pct")
+         "attractor_repetition_change", "attractor_gated_comprehension_change_pct", "attractor_churn_ratio",
+         "attractor_stateless_share")
 
 
 def _inputs(n_passes=4, length=12, seed=0):
@@ -295,7 +296,7 @@ def test_ci_run_glues_sane_values():
     assert values["attractor_overhead_low"] <= values["attractor_overhead_high"]
     # teacher-forced recall: 2 distinct probes, one under each of 2 seeds, x 3 facts; shares and p-values in range
     assert values["attractor_long_recall_probes"] == 2 and values["attractor_n_facts"] == 6
-    assert values["attractor_positive_control_probes"] == 1  # the first seed's probes
+    assert values["attractor_positive_control_probes"] == 2  # the grid's strongest point, on every probe
     assert values["attractor_dev_windows"] == 2  # params/ci/03.yaml: 256 tokens in windows of 128
     plain, layer = values["attractor_long_recall_plain"], values["attractor_long_recall_layer"]
     assert 0 <= plain <= 1 and 0 <= layer <= 1
@@ -314,15 +315,34 @@ def test_ci_run_glues_sane_values():
     assert values["attractor_kl_smallest_k"] >= 0 and values["attractor_kl_largest_k"] >= 0
     assert 0 <= values["attractor_several_active_largest_k"] <= 1
     # failure modes: intervals ordered, shares and cosines in range (params/ci/03.yaml: 2 article pairs
-    # of 3 + 3 passes, so a lag is 1..4, 4 meaning "never crossed")
+    # of 2 + 2 passes, so a lag is 1..3, 3 meaning "never crossed")
     assert values["attractor_kl_ratio_low"] <= values["attractor_kl_ratio_high"]
     assert 0 <= values["attractor_answer_changes_largest_k"] <= 1
     assert -1 <= values["attractor_cos_heaviest_decay_low"] <= values["attractor_cos_heaviest_decay_high"] <= 1
-    assert values["attractor_switch_pairs"] == 2 and 1 <= values["attractor_switch_lag"] <= 4
+    assert values["attractor_switch_pairs"] == 2 and 1 <= values["attractor_switch_lag"] <= 3
     assert 0 <= values["attractor_snap_back_share"] <= 1
     assert 0 <= values["attractor_snapped_share_low"] <= values["attractor_snapped_share_high"] <= 1
-    for key in ("ppl", "overhead", "long", "gated", "k", "decay", "snap"):
+    for key in ("ppl", "overhead", "long", "gated", "k", "decay", "snap", "long_free"):
         assert values[f"attractor_verdict_{key}"] in verdicts.VERDICTS, key
+    assert values["attractor_joint_verdict"] in verdicts.VERDICTS
+    # the grid (params/ci/03.yaml: strengths 1 and 4): an interval per point and endpoint, in words by strength
+    assert values["attractor_ungated_points"] == "ungated_1 ungated_4"
+    assert values["attractor_gated_points"] == "gated_1 gated_4"
+    for point in ("ungated_1", "ungated_4", "gated_1", "gated_4"):
+        assert values[f"attractor_ppl_low_{point}"] <= values[f"attractor_ppl_high_{point}"], point
+    for point in ("ungated_1", "ungated_4"):
+        assert 0 <= values[f"attractor_recall_p_{point}"] <= 1
+    for point in ("gated_1", "gated_4"):
+        assert 0 <= values[f"attractor_comp_changed_{point}"] <= 4
+    for key in ("ppl", "recall", "comp", "joint"):
+        assert values[f"attractor_{key}_by_strength"].endswith("at 1, 4"), key
+    # the failure modes' references and controls
+    assert math.isclose(values["attractor_decay_stateless_reference"], 1.0, abs_tol=1e-5)
+    assert values["attractor_decay_no_decay_reference"] < 0.999
+    for name in ("instability", "snap", "decay", "free", "positive"):
+        assert values[f"attractor_{name}_control_detected"] in ("yes", "no"), name
+    assert values["attractor_instability_control_detected"] == "yes"
+    assert 0 <= values["attractor_snap_crossed_pairs"] <= values["attractor_switch_pairs"]
     # params/ci/03.yaml: 4 perplexity windows, too few for Politis and White's rule: one block, one point
     assert values["attractor_ppl_block_length"] == 4
     assert values["attractor_ppl_delta_low"] == values["attractor_ppl_delta_high"]
@@ -400,8 +420,19 @@ def test_block_bootstrap_perplexity_change():
     assert short["block_length"] == 4 and short["low"] == short["high"]
 
 
-def test_instability_rule_needs_several_active_attractors():
+def test_instability_rule_reads_the_state_and_needs_its_control():
     rule = verdicts.load_plan("03").claim("many_attractors_unstable").rule.spec
-    values = {"attractor_kl_ratio_low": 5.0, "attractor_kl_ratio_high": 9.0}
-    assert verdicts.decide_rule(rule, {**values, "attractor_several_active_on_most_passes": "yes"}) == "holds"
-    assert verdicts.decide_rule(rule, {**values, "attractor_several_active_on_most_passes": "no"}) == "inconclusive"
+    flat = {"attractor_churn_ratio_low": 0.8, "attractor_churn_ratio_high": 1.3}
+    assert verdicts.decide_rule(rule, {**flat, "attractor_instability_control_detected": "yes"}) == "does not hold"
+    # a null is only a finding where the layer unstable by construction was seen to be unstable
+    assert verdicts.decide_rule(rule, {**flat, "attractor_instability_control_detected": "no"}) == "inconclusive"
+    steep = {"attractor_churn_ratio_low": 3.0, "attractor_churn_ratio_high": 5.0}
+    assert verdicts.decide_rule(rule, {**steep, "attractor_instability_control_detected": "yes"}) == "holds"
+
+
+def test_snap_back_rule_counts_crossing_pairs_only():
+    rule = verdicts.load_plan("03").claim("snap_back").rule.spec
+    values = {"attractor_snap_crossed_low": 0.6, "attractor_snap_crossed_high": 0.9,
+              "attractor_snap_control_detected": "yes"}
+    assert verdicts.decide_rule(rule, {**values, "attractor_snap_crossed_pairs": 25}) == "holds"
+    assert verdicts.decide_rule(rule, {**values, "attractor_snap_crossed_pairs": 5}) == verdicts.UNDERPOWERED
