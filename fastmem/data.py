@@ -177,6 +177,39 @@ def load_wikitext(split: str = "test", data_dir: Path | str = DATA_DIR) -> str:
     return data_file(f"wikitext-2/{split}.txt", data_dir).read_text(encoding="utf-8")
 
 
+WIKITEXT_JOINS = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" ,", ","), (" ;", ";"), (" :", ":"),
+                  (" 's", "'s"), ("( ", "("), (" )", ")"))
+
+
+def unrelated_texts(n_turns: int, n_sentences: int, seed: int = 0, data_dir: Path | str = DATA_DIR,
+                    words: tuple[int, int] = (6, 40)) -> list[str]:
+    """Text that names no invented word, as a deployed memory meets it: ``n_turns`` LoCoMo conversation
+    turns, then ``n_sentences`` WikiText-2 test sentences, drawn reproducibly from ``seed`` (chapter 2:
+    the served gate's false openings).
+
+    Only pieces of ``words`` (at least, at most) words are drawn; WikiText sentences with an
+    unknown-word marker are skipped and its tokenisation (" @-@ ", " ,") is joined back into plain text.
+    """
+    rng = random.Random(seed)
+    fits = lambda text: words[0] <= len(text.split()) <= words[1]
+    turns = [text for conversation in load_locomo(data_dir) for _, _, text in locomo_turns(conversation)]
+    sentences = []
+    for line in load_wikitext("test", data_dir).splitlines():
+        if not line.strip() or line.strip().startswith("="):
+            continue
+        for sentence in line.strip().split(" . "):
+            if "<unk>" in sentence:
+                continue
+            for old, new in WIKITEXT_JOINS:
+                sentence = sentence.replace(old, new)
+            sentences.append(sentence.rstrip(" .") + ".")
+    turns, sentences = [t for t in turns if fits(t)], [s for s in sentences if fits(s)]
+    if n_turns > len(turns) or n_sentences > len(sentences):
+        raise DataError(f"asked for {n_turns} turns and {n_sentences} sentences; "
+                        f"{len(turns)} and {len(sentences)} fit {words[0]}-{words[1]} words")
+    return rng.sample(turns, n_turns) + rng.sample(sentences, n_sentences)
+
+
 @lru_cache(maxsize=None)
 def _recorded_checksums(data_dir: Path) -> dict[str, str]:
     sums = data_dir / "SHA256SUMS"

@@ -129,6 +129,8 @@ CHAPTER_RULES: dict[str, dict[str, Rule]] = {
         "max_new_tokens": count(), "alpha_sweep": list_of(number(0)),
         "capacity_sizes": list_of(count()), "capacity_probe": count(), "overhead_entries": list_of(count()),
         "overhead_new_tokens": count(), "overhead_repeats": count(), "n_bootstrap": count(),
+        "n_seed_words": count(), "n_seed_transfer_words": count(), "tradeoff_alphas": list_of(number(above=0)),
+        "n_served_turns": integer(0), "n_served_sentences": integer(0),
     },
     "03": {
         "param_set": text(), "model_name": model_name(), "seed": integer(0), "n_threads": count(),

@@ -22,6 +22,10 @@ CONTEXT_PAIRS = (
     ("game A", "game B"), ("the morning", "the evening"), ("Paris", "Tokyo"),
     ("chess", "poker"), ("Alice's notes", "Bob's notes"), ("the old book", "the new book"),
 )
+# Unseen pairs whose two names end in the same word, built for chapter 2's test of context keys (a
+# key read at the context's last token cannot tell them apart); no name holds a label word.
+SHARED_LAST_WORD_PAIRS = (("Tom's list", "Mary's list"), ("the north tower", "the south tower"),
+                          ("summer camp", "winter camp"))
 ONSETS = ("b", "bl", "br", "d", "dr", "f", "fl", "g", "gl", "gr", "k", "kl", "m", "n", "p", "pl", "pr",
           "s", "sk", "sl", "sn", "t", "tr", "v", "w", "z")
 NUCLEI = ("a", "e", "i", "o", "u", "ee", "oo", "ai", "ou")

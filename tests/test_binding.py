@@ -91,6 +91,72 @@ def test_threshold_injects_nothing_for_a_query_that_matches_nothing(written):
     assert (index >= 0).all()
 
 
+def _last_token_presence(tokens, token_mask, context_states, centre):
+    """The gate's presence score with one token against one state, each prompt's first token left out."""
+    token_mask = fb.after_first_token(token_mask)
+    tokens = torch.nn.functional.normalize(tokens - centre, dim=-1)
+    stored = torch.nn.functional.normalize(context_states - centre, dim=-1)
+    similarity = torch.einsum("ptd,ed->pte", tokens, stored)
+    return similarity.masked_fill(~token_mask[:, :, None], -torch.inf).max(dim=1).values
+
+
+def _padded_states(prompts=4, positions=9, width=16, seed=0):
+    """Left-padded random token states with a non-finite padded position and one very large token state."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(prompts, positions, width, generator=generator)
+    mask = torch.ones(prompts, positions, dtype=torch.bool)
+    for row, pad in enumerate([0, 2, 5, positions - 1][:prompts]):
+        mask[row, :pad] = False
+    tokens[1, 0] = torch.nan  # a padded position's state need not be finite
+    tokens[0, 0] *= 1e4  # a first token's state can dwarf the others (massive activations)
+    return tokens, mask, torch.randn(width, generator=generator), generator
+
+
+def test_presence_with_one_token_contexts_is_the_last_token_score_bit_for_bit():
+    tokens, mask, centre, generator = _padded_states()
+    stored = torch.randn(6, tokens.shape[2], generator=generator)
+    expected = _last_token_presence(tokens, mask, stored, centre)
+    assert torch.equal(fb.presence_scores(tokens, mask, stored, centre), expected)
+    assert torch.equal(fb.presence_scores(tokens, mask, stored, centre, torch.ones(6, dtype=torch.long)), expected)
+
+
+def test_presence_of_pooled_contexts_is_the_best_window_mean():
+    tokens, mask, centre, generator = _padded_states()
+    lengths = torch.tensor([1, 3, 2, 3, 5, 9, 10])
+    stored = torch.randn(len(lengths), tokens.shape[2], generator=generator)
+    scores = fb.presence_scores(tokens, mask, stored, centre, lengths)
+    expected = torch.full_like(scores, -torch.inf)
+    cosine = torch.nn.functional.cosine_similarity
+    usable = fb.after_first_token(mask)
+    for p in range(tokens.shape[0]):
+        for e, length in enumerate(lengths.tolist()):
+            for start in range(tokens.shape[1] - length + 1):
+                if usable[p, start:start + length].all():
+                    window = tokens[p, start:start + length].double().mean(dim=0)
+                    score = cosine(window - centre.double(), stored[e].double() - centre.double(), dim=0)
+                    expected[p, e] = max(expected[p, e], float(score))
+    assert torch.equal(torch.isinf(scores), torch.isinf(expected))  # -inf exactly where no window fits
+    assert torch.isinf(scores[3]).all() and torch.isinf(scores[:, -2:]).all()  # one token only; longest windows
+    assert torch.isfinite(scores[0, :-2]).all()
+    finite = torch.isfinite(expected)
+    assert torch.allclose(scores[finite], expected[finite], atol=1e-5)
+
+
+def test_the_gate_leaves_each_prompts_first_token_out():
+    """The first token's state can dwarf the rest: it must move neither the centre nor a presence score."""
+    tokens, mask, centre, generator = _padded_states()
+    kept = fb.after_first_token(mask)
+    assert kept.sum(dim=1).tolist() == [n - 1 for n in mask.sum(dim=1).tolist()]
+    assert not kept[0, 0] and not kept[2, 5] and kept[2, 6]
+    stored = torch.randn(3, tokens.shape[2], generator=generator)
+    changed = tokens.clone()
+    changed[0, 0] = 1e6  # the first real token of prompt 0
+    assert torch.equal(fb.presence_scores(changed, mask, stored, centre), fb.presence_scores(tokens, mask, stored, centre))
+    states = fb.PromptStates({}, None, tokens={0: torch.nan_to_num(tokens)}, token_mask=mask)
+    big = fb.PromptStates({}, None, tokens={0: torch.nan_to_num(changed)}, token_mask=mask)
+    assert torch.equal(fb.token_centre([states], 0), fb.token_centre([big], 0))
+
+
 @pytest.fixture(scope="module")
 def gated(smollm2, written):
     """A projector, a memory with its keys projected once, and a gate fitted on the same bindings."""
@@ -98,11 +164,51 @@ def gated(smollm2, written):
     bindings, states, memory, _ = written
     projector = fb.train_projector(states["read"].keys["symbol"][LAYER], states["write"].keys["symbol"][LAYER], 16, 50)
     projected = fb.BindingMemory(memory.symbol_states, memory.context_states, memory.values, memory.bindings,
-                                 memory.layer, memory.value_kind, memory.model).project(projector)
+                                 memory.layer, memory.value_kind, memory.model,
+                                 context_lengths=memory.context_lengths).project(projector)
     unrelated = fb.encode_unrelated(model, tokenizer, list(tasks.Templates().unrelated[:12]), [LAYER])
     centre = fb.token_centre([states["write"], states["read"]], LAYER)
     gate = fb.fit_gate(projected, states["read"], states["plain"], unrelated, LAYER, projector, centre)
     return projector, projected, gate, unrelated
+
+
+def test_whole_context_key_is_the_mean_over_the_context_phrase(smollm2, written):
+    _, tokenizer, _ = smollm2
+    bindings, states, memory, _ = written
+    for kind, prompt_of in (("write", tasks.write_prompt), ("read", tasks.read_prompt)):
+        encoded = states[kind]
+        hidden, lengths = encoded.tokens[LAYER], encoded.lengths["context_whole"]
+        for row, b in enumerate(bindings):
+            prompt = prompt_of(b)
+            full = tokenizer.encode(prompt)
+            first = len(tokenizer.encode(prompt[:prompt.index(b.context)].rstrip()))
+            end = len(tokenizer.encode(prompt[:prompt.index(b.context) + len(b.context)]))
+            assert tokenizer.decode(full[first:end]).strip() == b.context  # the span is the phrase, no more
+            offset = hidden.shape[1] - len(full)  # left padding
+            explicit = hidden[row, offset + first:offset + end].mean(dim=0)
+            assert lengths[row] == end - first
+            assert torch.allclose(encoded.keys["context_whole"][LAYER][row], explicit, atol=1e-4, rtol=1e-5)
+    assert torch.equal(memory.context_states, states["write"].keys["context_whole"][LAYER])
+    assert torch.equal(memory.context_lengths, states["write"].lengths["context_whole"])
+    # A question that does not name the context keeps its last-token key, one token long.
+    assert torch.equal(states["plain"].lengths["context_whole"], torch.ones(len(bindings), dtype=torch.long))
+    assert torch.equal(states["plain"].keys["context_whole"][LAYER], states["plain"].keys["context"][LAYER])
+    assert torch.equal(states["write"].subset(2).lengths["context_whole"], states["write"].lengths["context_whole"][:2])
+
+
+def test_contexts_ending_in_the_same_word_are_told_apart_by_their_whole_phrase(smollm2):
+    """The control that fails if pooling is cut: "Alice's notes" and "Bob's notes" end in the same token."""
+    model, tokenizer, _ = smollm2
+    labels = tasks.single_token_labels(tokenizer)
+    bindings = [tasks.Binding("zorp", "Alice's notes", labels[0]), tasks.Binding("zorp", "Bob's notes", labels[1])]
+    write = fb.encode_bindings(model, tokenizer, bindings, [LAYER], kinds=("write",), keep_cache=False)["write"]
+    cosine = {key: float(torch.nn.functional.cosine_similarity(*fb.write_memory(
+        model, tokenizer, write, bindings, LAYER, "single_step", context_key=key).context_states, dim=0))
+        for key in fb.CONTEXT_KEYS}
+    assert cosine["whole"] < cosine["last_token"]
+    assert fb.write_memory(model, tokenizer, write, bindings, LAYER, "single_step").context_lengths.tolist() == [3, 3]
+    with pytest.raises(ParameterError, match="last_token"):
+        fb.write_memory(model, tokenizer, write, bindings, LAYER, "single_step", context_key="first_token")
 
 
 def test_gate_injects_nothing_on_prompts_without_the_stored_word_or_context(smollm2, written, gated):
@@ -235,10 +341,14 @@ def test_saved_memory_reloads_bit_exact_and_generates_the_same(tiny_neox, tmp_pa
     memory = fb.write_memory(model, tokenizer, states["write"], bindings, 1, "single_step", projector=projector)
     assert (memory.layer, memory.value_kind, memory.model) == (1, "single_step", info)
     loaded = fb.BindingMemory.load(memory.save(tmp_path / "memory.safetensors"), model)
-    for name in ("symbol_states", "context_states", "values", "retrieval_keys"):
+    for name in ("symbol_states", "context_states", "values", "retrieval_keys", "context_lengths"):
         original, copy = getattr(memory, name), getattr(loaded, name)
         assert original.dtype == copy.dtype and torch.equal(original, copy), name
     assert (loaded.bindings, loaded.layer, loaded.value_kind, loaded.model) == (bindings, 1, "single_step", info)
+    last_token = fb.write_memory(model, tokenizer, states["write"], bindings, 1, "single_step",
+                                 context_key="last_token")
+    assert last_token.context_lengths is None
+    assert fb.BindingMemory.load(last_token.save(tmp_path / "last.safetensors"), model).context_lengths is None
     generations = []
     for stored in (memory, loaded):
         for mode in ("raw_both_top1", "both_top1"):
@@ -293,6 +403,16 @@ def test_chapter_2_on_ci_parameters():
         assert values[f"binding_overhead_ratio_{size}"] > 0
     assert values["binding_write_token_both_top1"] >= 0.9
     assert values["binding_write_token_both_top1"] >= values["binding_write_both_top1"]
+    for mode in ("both_top1", "context_gate", "raw_both_top1", "average"):
+        for kind in ("single_step", "iterated"):
+            name = f"binding_seed_exact_read_{mode}_{kind}"
+            assert values[f"{name}_low"] <= values[name] <= values[f"{name}_high"], name
+    # The iterated value moves the answer on the seed's own task.
+    assert values["binding_seed_exact_read_both_top1_iterated"] >= values["binding_seed_exact_read_no_memory"] + 0.3
+    assert 0.0 <= values["binding_served_false_open_low"] <= values["binding_served_false_open"] <= 1.0
+    # The served gate's positive control: it opens on its own read questions.
+    assert values["binding_served_control_open"] >= 0.5
+    assert 0.0 <= values["binding_read_gated_20"] <= 1.0  # the largest memory of the ci parameters
 
 
 def test_chapter_2_runs_unmodified_on_the_paper_architecture(tmp_path):
@@ -303,9 +423,11 @@ def test_chapter_2_runs_unmodified_on_the_paper_architecture(tmp_path):
     parameters = {**resolve_parameters(notebook, "ci")[0], "model_name": "tiny-gpt-neox", "key_layer": 1,
                   "n_train_words": 6, "n_calibration_words": 4, "n_eval_words": 4, "capacity_sizes": [1, 8],
                   "capacity_probe": 4, "overhead_entries": [100, 1000], "overhead_new_tokens": 2, "overhead_repeats": 1,
-                  "param_set": "tiny-paper-architecture"}
+                  "n_seed_words": 4, "n_seed_transfer_words": 2, "tradeoff_alphas": [1.0], "n_served_turns": 4,
+                  "n_served_sentences": 4, "param_set": "tiny-paper-architecture"}
     values = glued_values(execute(notebook, tmp_path / notebook.name, parameters))
-    for name in ("binding_read_both_top1", "binding_read_context_gate", "binding_read_gated", "binding_write_token_both_top1"):
+    for name in ("binding_read_both_top1", "binding_read_context_gate", "binding_read_gated", "binding_write_token_both_top1",
+                 "binding_seed_exact_read_both_top1_single_step", "binding_served_false_open"):
         assert 0.0 <= values[name] <= 1.0, name
     assert values["binding_overhead_ratio_1k"] > 0
 
@@ -326,6 +448,11 @@ def test_memory_followed_by_a_pool_keeps_order_and_is_projected_once(written, ga
     projector = gated[0]
     joined = memory.followed_by(memory.head(2))
     assert joined.retrieval_keys is None and len(joined) == len(memory) + 2
+    assert torch.equal(joined.context_lengths, torch.cat([memory.context_lengths, memory.context_lengths[:2]]))
+    last_token = fb.BindingMemory(memory.symbol_states, memory.context_states, memory.values, memory.bindings)
+    assert last_token.followed_by(last_token).context_lengths is None
+    assert last_token.followed_by(memory.head(2)).context_lengths.tolist() == \
+        [1] * len(memory) + memory.context_lengths[:2].tolist()
     assert torch.equal(joined.symbol_states[len(memory):], memory.symbol_states[:2])
     assert joined.bindings == memory.bindings + memory.bindings[:2]
     joined.project(projector)
@@ -402,16 +529,25 @@ def pool(smollm2):
     templates = tasks.templates_for(bindings, tasks.template_family([0, 1]))
     alone = fb.encode_bindings(model, tokenizer, bindings, [LAYER], templates, ("write",), keep_cache=False)
     reference = fb.write_memory(model, tokenizer, alone["write"], bindings, LAYER)
-    return fb.write_pool(model, tokenizer, bindings, templates, LAYER), reference
+    return fb.write_pool(model, tokenizer, bindings, templates, LAYER), reference, (bindings, templates, alone)
 
 
-def test_pool_written_in_shared_passes_matches_writing_each_statement(smollm2, pool):
+@pytest.mark.parametrize("context_key", fb.CONTEXT_KEYS)
+def test_pool_written_in_shared_passes_matches_writing_each_statement(smollm2, pool, context_key):
     """Capacity's cheap pool: shared prefixes and length batches give the same keys and values."""
-    model, _, _ = smollm2
-    written, reference = pool
+    model, tokenizer, _ = smollm2
+    written, reference, (bindings, templates, alone) = pool
+    if context_key != "whole":
+        written = fb.write_pool(model, tokenizer, bindings, templates, LAYER, context_key=context_key)
+        reference = fb.write_memory(model, tokenizer, alone["write"], bindings, LAYER, context_key=context_key)
     assert written.memory.bindings == reference.bindings
     for name in ("symbol_states", "context_states"):
         assert torch.allclose(getattr(written.memory, name), getattr(reference, name), atol=2e-3, rtol=1e-4), name
+    if context_key == "whole":
+        assert torch.equal(written.memory.context_lengths, reference.context_lengths)
+        assert (reference.context_lengths > 1).any()  # some contexts span several tokens: pooling is tested
+    else:
+        assert written.memory.context_lengths is None and reference.context_lengths is None
     assert not written.computed.any()  # no value is computed before it is needed
     values = written.compute_values(model)
     assert torch.allclose(values, reference.values, atol=5e-3, rtol=1e-3)
@@ -422,7 +558,8 @@ def test_pool_values_are_computed_once_on_first_retrieval(smollm2, pool, monkeyp
     written = fb.Pool(fb.BindingMemory(*(t.clone() for t in (pool[0].memory.symbol_states,
                                                               pool[0].memory.context_states,
                                                               torch.zeros_like(pool[0].memory.values))),
-                                       pool[0].memory.bindings, LAYER, "iterated"),
+                                       pool[0].memory.bindings, LAYER, "iterated",
+                                       context_lengths=pool[0].memory.context_lengths),
                       pool[0].head_input, pool[0].targets, torch.zeros(len(pool[0]), dtype=torch.bool), 4.0, 5)
     calls = []
     compute = fb.memory_values
@@ -440,10 +577,11 @@ def test_capacity_with_values_on_first_retrieval_matches_every_value_written(smo
     projector, _, gate, _ = gated
     deferred = fb.Pool(fb.BindingMemory(pool[0].memory.symbol_states, pool[0].memory.context_states,
                                         torch.zeros_like(pool[0].memory.values), pool[0].memory.bindings,
-                                        LAYER, "iterated"),
+                                        LAYER, "iterated", context_lengths=pool[0].memory.context_lengths),
                        pool[0].head_input, pool[0].targets, torch.zeros(len(pool[0]), dtype=torch.bool), 4.0, 5)
     complete = fb.Pool(fb.BindingMemory(pool[0].memory.symbol_states, pool[0].memory.context_states,
-                                        pool[1].values, pool[0].memory.bindings, LAYER, "iterated"),
+                                        pool[1].values, pool[0].memory.bindings, LAYER, "iterated",
+                                        context_lengths=pool[0].memory.context_lengths),
                        pool[0].head_input, pool[0].targets, torch.ones(len(pool[0]), dtype=torch.bool), 4.0, 5)
     sizes = [2, len(bindings), len(bindings) + len(pool[0])]
     runs = [fb.capacity_records(model, tokenizer, bindings, states["read"], memory, p, projector, gate, LAYER,
@@ -589,3 +727,60 @@ def test_the_earlier_comparison_rule_is_decided_as_chapter_2_decided_it():
         better = (0.556, 0.47, 0.64)
         glued = dict(zip(("wm", "wl", "wh", "bm", "bl", "bh"), (*worse, *better)))
         assert verdicts.decide_rule(rule, glued) == stats.verdict_below(worse, better)
+
+
+@torch.no_grad()
+def test_served_opens_counts_the_prompts_its_hooks_inject_into(smollm2, written, gated):
+    """``opens`` reads the states the read hook sees: over read, plain and unrelated prompts it marks
+    exactly the prompts into which the attached memory injects."""
+    model, tokenizer, _ = smollm2
+    bindings, _, _, _ = written
+    projector, memory, gate, _ = gated
+    prompts = ([tasks.read_prompt(b) for b in bindings] + [tasks.plain_prompt(b) for b in bindings[:2]]
+               + list(tasks.Templates().unrelated[20:24]))
+    served = fb.ServedBinding(model, memory, LAYER, projector, gate=gate, key_position=None)
+    opened = served.opens(fb.prompt_states(model, tokenizer, prompts, {}, [LAYER]))
+    injected = []
+    for prompt in prompts:
+        batch, _, _ = _prompt_batch(model, tokenizer, prompt)
+        before = int(served.injected)
+        with served:
+            model(**batch)
+        injected.append(float(int(served.injected) - before))
+    assert opened.tolist() == injected
+    assert opened[:len(bindings)].sum() >= len(bindings) - 1 and opened[len(bindings):].sum() == 0
+
+
+def _tradeoff_frame():
+    import pandas as pd
+
+    # Two read and two plain prompts, one scale: the memory answers every read and fires on every
+    # plain question; without it, nothing. Cosines decide which prompts a threshold keeps.
+    rows = [{"seed": 0, "value": "iterated", "alpha": 1.0, "column": column, "unit": i, "cosine": cosine,
+             "with_memory": 1.0, "without": 0.0}
+            for column, cosines in (("read", (0.9, 0.5)), ("plain", (0.8, 0.2))) for i, cosine in enumerate(cosines)]
+    return pd.DataFrame(rows)
+
+
+def test_tradeoff_curve_falls_back_to_the_memory_free_answer_below_the_threshold():
+    points = {p.threshold: p for p in fb.tradeoff_curve(_tradeoff_frame(), [-1.0, 0.4, 0.6, 0.85, 0.95])}
+    assert (points[-1.0].read, points[-1.0].plain_any) == (1.0, 1.0)  # always injected
+    assert (points[0.4].read, points[0.4].plain_any) == (1.0, 0.5)
+    assert (points[0.6].read, points[0.6].plain_any) == (0.5, 0.5)
+    assert (points[0.85].read, points[0.85].plain_any) == (0.5, 0.0)
+    assert (points[0.95].read, points[0.95].plain_any) == (0.0, 0.0)
+    front = fb.pareto_front(list(points.values()))
+    assert [(p.plain_any, p.read) for p in front] == [(0.0, 0.5), (0.5, 1.0)]
+    assert fb.seed_reading(list(points.values()), 0.5, 0.05) == "iterated value at scale 1"
+    assert fb.seed_reading(list(points.values()), 0.9, 0.05) == "nowhere on the curve"
+
+
+def test_seed_table_quotes_the_seed_beside_ours():
+    summary = {("seen", fb.seed_row(mode, kind), column): (0.5, 0.4, 0.6)
+               for mode in fb.SEED_MODES for kind in fb.SEED_VALUES
+               for column in ("write", "read", "plain_own", "unrelated_retrieved")}
+    table = fb.seed_table(summary, "seen")
+    assert len(table) == 3 * len(fb.SEED_MODES)
+    seed_row = table.iloc[0]
+    assert seed_row["row"] == "both_top1: seed 000" and seed_row["Read"] == "0.805" and seed_row["Plain"] == "0.008"
+    assert table.iloc[1]["Read"] == "0.500 [0.400, 0.600]"

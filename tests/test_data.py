@@ -121,3 +121,14 @@ def test_corrupt_probe_file_is_detected(tmp_path):
     path.write_text(path.read_text().replace("Pepper", "Salt"))
     with pytest.raises(DataError, match="corrupt"):
         data.load_recall_probes(data_dir=copy)
+
+
+def test_unrelated_texts_are_reproducible_plain_sentences_of_the_asked_lengths():
+    texts = data.unrelated_texts(30, 20, seed=3)
+    assert len(texts) == 50 and texts == data.unrelated_texts(30, 20, seed=3)
+    assert texts != data.unrelated_texts(30, 20, seed=4)
+    assert all(6 <= len(t.split()) <= 40 for t in texts)
+    assert all(":" in t.split()[0] for t in texts[:30])  # a turn starts with its speaker
+    assert not any("<unk>" in t or "@-@" in t or " ," in t for t in texts[30:])
+    with pytest.raises(DataError):
+        data.unrelated_texts(10**6, 0)

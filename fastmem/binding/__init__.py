@@ -17,26 +17,29 @@ product); the retrieved value is added to the state entering the output head at 
 position, and the model then generates greedily. The model's weights are never touched.
 """
 
-from .memory import (MEMORY_KIND, PromptStates, key_prefix, prompt_states, KeyProjector, train_projector, BindingMemory,
-                     retrieve, retrieve_among, memory_values, write_memory, encode_bindings, encode_unrelated,
-                     synthetic_memory)
+from .memory import (MEMORY_KIND, CONTEXT_KEYS, PromptStates, key_prefix, context_span, prompt_states, KeyProjector,
+                     train_projector, BindingMemory, retrieve, retrieve_among, memory_values, write_memory,
+                     encode_bindings, encode_unrelated, synthetic_memory)
 from .selection import (MODES, ContextGate, context_presence, presence_scores, gate_scores, gate_scores_of,
                         separating_threshold, fit_gate, Codebook, grace_codebook, grace_radii, fit_grace_threshold,
-                        token_centre, select_values, SeedFit, fit_seed, calibrate_threshold)
+                        token_centre, after_first_token, select_values, SeedFit, fit_seed, calibrate_threshold)
 from .scoring import (generate, exact_match, contains_any, changed, forced_choice, COPY_MODE, COLUMNS, score_columns,
-                      score_records, rate_intervals, paired_rows, paired_cosine, in_context_scores,
+                      score_records, rate_intervals, paired_rows, paired_comparisons, paired_cosine, in_context_scores,
                       in_context_prompts)
 from .capacity import write_pool, Pool, CAPACITY_MODES, capacity_records
 from .serving import ServedBinding, attached
+from .replication import (SEED_MODES, SEED_VALUES, SEED_CONTEXTS, SEED_SAME_CONTEXT, SEED_TRANSFER, NO_MEMORY,
+                          seed_row, seed_projector, SeedTaskRun, seed_task_run, tradeoff_outcomes, TradeoffPoint,
+                          tradeoff_curve, pareto_front, seed_reading, tradeoff_figure, seed_table, transfer_table)
 from .cost import busy_pause, slowed, measure_overhead, retrieval_flops, forward_flops_per_token
 
-__all__ = ["MEMORY_KIND", "PromptStates", "key_prefix", "prompt_states", "KeyProjector", "train_projector",
-           "BindingMemory", "retrieve", "retrieve_among", "memory_values", "write_memory", "encode_bindings",
-           "encode_unrelated", "synthetic_memory", "MODES", "ContextGate", "context_presence", "presence_scores",
-           "gate_scores", "gate_scores_of", "separating_threshold", "fit_gate", "Codebook", "grace_codebook",
-           "grace_radii", "fit_grace_threshold", "token_centre", "select_values", "SeedFit", "fit_seed",
-           "calibrate_threshold", "generate", "exact_match", "contains_any", "changed", "forced_choice", "COPY_MODE",
-           "COLUMNS", "score_columns", "score_records", "rate_intervals", "paired_rows", "paired_cosine",
-           "in_context_scores", "in_context_prompts",
-           "write_pool", "Pool", "CAPACITY_MODES", "capacity_records", "ServedBinding", "attached", "busy_pause",
-           "slowed", "measure_overhead", "retrieval_flops", "forward_flops_per_token"]
+__all__ = ["MEMORY_KIND", "CONTEXT_KEYS", "PromptStates", "key_prefix", "context_span", "prompt_states", "KeyProjector",
+           "train_projector", "BindingMemory", "retrieve", "retrieve_among", "memory_values", "write_memory",
+           "encode_bindings", "encode_unrelated", "synthetic_memory", "MODES", "ContextGate", "context_presence",
+           "presence_scores", "gate_scores", "gate_scores_of", "separating_threshold", "fit_gate", "Codebook",
+           "grace_codebook", "grace_radii", "fit_grace_threshold", "token_centre", "after_first_token", "select_values", "SeedFit",
+           "fit_seed", "calibrate_threshold", "generate", "exact_match", "contains_any", "changed", "forced_choice",
+           "COPY_MODE", "COLUMNS", "score_columns", "score_records", "rate_intervals", "paired_rows", "paired_cosine",
+           "in_context_scores", "in_context_prompts", "write_pool", "Pool", "CAPACITY_MODES", "capacity_records",
+           "ServedBinding", "attached", "busy_pause", "slowed", "measure_overhead", "retrieval_flops",
+           "forward_flops_per_token"]

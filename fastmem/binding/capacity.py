@@ -14,7 +14,7 @@ from .. import tasks
 from .. import value as fv
 from ..errors import ParameterError
 from ..models import model_info
-from .memory import BindingMemory, KeyProjector, PromptStates, key_prefix, memory_values
+from .memory import CONTEXT_KEYS, BindingMemory, KeyProjector, PromptStates, context_span, key_prefix, memory_values
 from .selection import ContextGate, select_values
 from .scoring import exact_match, generate
 
@@ -22,44 +22,54 @@ from .scoring import exact_match, generate
 @torch.no_grad()
 def write_pool(model: nn.Module, tokenizer, bindings: list[tasks.Binding],
                templates: list[tasks.Templates], layer: int, value_kind: str = "iterated",
-               step: float = 4.0, n_steps: int = 5, batch_size: int = 256) -> "Pool":
+               step: float = 4.0, n_steps: int = 5, batch_size: int = 256, context_key: str = "whole") -> "Pool":
     """Write many bindings at a fraction of :func:`encode_bindings`' cost (chapter 2: capacity).
 
-    The same keys, context states and (once computed, :meth:`Pool.compute_values`) values as
-    :func:`write_memory` on :func:`encode_bindings`' write states, to float tolerance (a unit
-    test checks it), from fewer token passes: statements that share a template
-    and a context share the text before the word (at least up to the end of the context), which
-    runs once and whose cache every statement of the group continues from; the rest is batched by length, so that no
+    The same keys, context states (``context_key``, as :func:`write_memory` takes it) and (once
+    computed, :meth:`Pool.compute_values`) values as :func:`write_memory` on
+    :func:`encode_bindings`' write states, to float tolerance (a unit test checks it), from fewer
+    token passes: statements that share a template and a context share the text before the word
+    (at least up to the end of the context), which runs once, gives the context state and whose
+    cache every statement of the group continues from; the rest is batched by length, so that no
     padding is computed. A value costs a few passes through the output head over the whole
     vocabulary, so it is computed when its entry is first retrieved. Decoder-only models; the
     word must follow the context in the statement.
     """
     if model.config.is_encoder_decoder:
         raise ParameterError("write_pool serves decoder-only models; use encode_bindings and write_memory")
+    if context_key not in CONTEXT_KEYS:
+        raise ParameterError(f"unknown context key {context_key!r}: use one of {CONTEXT_KEYS}")
     groups: dict[tuple, list[int]] = {}
-    word_offsets, context_ends = [], {}
+    word_offsets, context_spans = [], {}
     for i, (binding, template) in enumerate(zip(bindings, templates)):
         prompt = tasks.write_prompt(binding, template)
         full = tokenizer.encode(prompt)
-        through_context = tokenizer.encode(key_prefix(prompt, binding.context))
+        start_text, end_text = context_span(prompt, binding.context)
+        through_context = tokenizer.encode(end_text)
+        # The context state pools the tokens after before_context: the whole phrase, or its last token.
+        before_context = (through_context[:-1] if context_key == "last_token" or start_text is None
+                          else tokenizer.encode(start_text))
         through_word = tokenizer.encode(key_prefix(prompt, binding.word))
-        before_word = tokenizer.encode(prompt[:prompt.index(binding.word, len(key_prefix(prompt, binding.context)))]
+        before_word = tokenizer.encode(prompt[:prompt.index(binding.word, len(end_text))]
                                        .rstrip()) if binding.word in prompt else []
-        if full[:len(through_context)] != through_context or full[:len(through_word)] != through_word:
+        if any(full[:len(head)] != head for head in (before_context, through_context, through_word)):
             raise ParameterError(f"key prefixes of {prompt!r} do not tokenise as its prefixes")
         # Share all the text before the word where it tokenises as a prefix, else up to the context.
         shared = before_word if before_word and full[:len(before_word)] == before_word else through_context
         if len(through_word) <= len(shared) or len(shared) < len(through_context):
             raise ParameterError(f"write_pool needs the word after the context: {prompt!r}")
         word_offsets.append(len(through_word) - len(shared) - 1)
-        context_ends[tuple(shared)] = len(through_context) - 1
+        context_spans[tuple(shared)] = (len(before_context), len(through_context))
         groups.setdefault((tuple(shared), len(full)), []).append(i)
     width = model.config.hidden_size
     symbol, context, head_input = (torch.zeros(len(bindings), width) for _ in range(3))
+    lengths = torch.zeros(len(bindings), dtype=torch.long)
     for (shared, length), members in groups.items():
         prefix_ids = torch.tensor([shared])
         prefix = model(input_ids=prefix_ids, use_cache=True, output_hidden_states=True)
-        context[members] = prefix.hidden_states[layer + 1][0, context_ends[shared]]
+        first, end = context_spans[shared]
+        context[members] = prefix.hidden_states[layer + 1][0, first:end].mean(dim=0)
+        lengths[members] = end - first
         for start in range(0, len(members), batch_size):
             rows = members[start:start + batch_size]
             suffix = torch.tensor([tokenizer.encode(tasks.write_prompt(bindings[i], templates[i]))[len(shared):]
@@ -75,7 +85,7 @@ def write_pool(model: nn.Module, tokenizer, bindings: list[tasks.Binding],
             head_input[rows] = answer.head_input
     targets = torch.tensor(tasks.label_token_ids(tokenizer, [b.label for b in bindings]))
     memory = BindingMemory(symbol, context, torch.zeros(len(bindings), width), list(bindings), layer, value_kind,
-                           model_info(model))
+                           model_info(model), context_lengths=None if context_key == "last_token" else lengths)
     return Pool(memory, head_input, targets, torch.zeros(len(bindings), dtype=torch.bool), step, n_steps)
 
 

@@ -2,7 +2,8 @@
 
 Write: the key is the hidden state at the last token of the invented word in the write statement,
 at a chosen block; the value is chapter 1's correction at the statement's answer position.
-Retrieval keys are projected and normalised once, when the memory is written.
+Retrieval keys are projected and normalised once, when the memory is written. The context state
+the selective gate looks for is, by default, the mean state over the whole context phrase.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from ..persistence import load_memory, save_memory
 
 
 MEMORY_KIND = "binding"
+# The stored context state: the mean over the whole context phrase, or its last token's state.
+CONTEXT_KEYS = ("whole", "last_token")
 
 
 @dataclass
@@ -31,6 +34,8 @@ class PromptStates:
 
     ``tokens[block]`` holds every token's state (prompts x positions x width, left-padded) and
     ``token_mask`` marks the real tokens: the gate looks for a stored context anywhere in the prompt.
+    ``lengths[name]`` is the number of tokens pooled into each prompt's key ``name``, for keys
+    pooled over a span (:func:`prompt_states`' ``spans``).
     """
 
     keys: dict[str, dict[int, torch.Tensor]]
@@ -38,12 +43,14 @@ class PromptStates:
     prefill: list[tuple[dict, object]] = field(default_factory=list)
     tokens: dict[int, torch.Tensor] = field(default_factory=dict)
     token_mask: torch.Tensor | None = None
+    lengths: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def subset(self, rows: int) -> "PromptStates":
         """The first ``rows`` prompts' keys and token states; answer states and caches are kept whole (chapter 2)."""
         return PromptStates({name: {layer: k[:rows] for layer, k in per.items()} for name, per in self.keys.items()},
                             self.answer, self.prefill, {layer: t[:rows] for layer, t in self.tokens.items()},
-                            None if self.token_mask is None else self.token_mask[:rows])
+                            None if self.token_mask is None else self.token_mask[:rows],
+                            {name: n[:rows] for name, n in self.lengths.items()})
 
 
 def key_prefix(prompt: str, anchor: str | None = None) -> str:
@@ -58,20 +65,49 @@ def key_prefix(prompt: str, anchor: str | None = None) -> str:
     return prompt.split("?")[0] if "?" in prompt else prompt
 
 
+def context_span(prompt: str, context: str) -> tuple[str | None, str]:
+    """The (start, end) prefixes whose tokens in between are the context phrase of ``prompt`` (chapter 2).
+
+    The start is the text before the phrase, without its trailing space (which the phrase's first
+    token carries); the end is :func:`key_prefix`. A prompt without the phrase gets start None: its
+    key is the last token of :func:`key_prefix` alone, as for a last-token key.
+    """
+    end = key_prefix(prompt, context)
+    return (prompt[:prompt.index(context)].rstrip() if context in prompt else None), end
+
+
+def _prefix_length(tokenizer, full: list[int], prompt: str, prefix: str) -> int:
+    """How many of the prompt's tokens ``prefix`` covers; it must tokenise as a prefix of the prompt (chapter 2)."""
+    head = tokenizer.encode(prefix)
+    if full[: len(head)] != head:
+        raise ParameterError(f"key prefix {prefix!r} does not tokenise as a prefix of {prompt!r}")
+    return len(head)
+
+
 @torch.no_grad()
 def prompt_states(model: nn.Module, tokenizer, prompts: list[str], prefixes: dict[str, list[str]],
                   layers: list[int], batch_size: int = 64, progress: bool = False,
-                  keep_cache: bool = False) -> PromptStates:
+                  keep_cache: bool = False, spans: dict[str, list[tuple[str | None, str]]] | None = None
+                  ) -> PromptStates:
     """One batched forward pass per chunk: block outputs at each prefix's last token, and answer states.
 
     ``prefixes`` maps a key name ("symbol", "context") to one prefix per prompt; ``layers`` index
-    the blocks (0 = first block's output). A prefix must tokenise as a prefix of its prompt, which
-    holds for the templates here; a mismatch raises rather than guessing (chapter 2).
+    the blocks (0 = first block's output). ``spans`` maps a key name ("context_whole") to one
+    (start, end) pair of prefixes per prompt: that key is the MEAN of the block's states over the
+    tokens after the start's last token through the end's last token (start None: the end's last
+    token alone), and ``lengths[name]`` counts them. A prefix must tokenise as a prefix of its
+    prompt, which holds for the templates here; a mismatch raises rather than guessing (chapter 2).
     With ``keep_cache`` the prompts' key-value caches are kept, so that :func:`~fastmem.binding.scoring.generate` can
     continue from them under any injection without running the prompts again: the injection
     changes only the head input at the answer position, which no cached key or value depends on.
     """
-    keys = {name: {layer: [] for layer in layers} for name in prefixes}
+    spans = spans or {}
+    if set(spans) & set(prefixes):
+        raise ParameterError(f"key names {sorted(set(spans) & set(prefixes))} are both prefixes and spans")
+    # A last-token key is a span of one token: one code path reads both.
+    spans = {**{name: [(None, prefix) for prefix in texts] for name, texts in prefixes.items()}, **spans}
+    keys = {name: {layer: [] for layer in layers} for name in spans}
+    counts = {name: [] for name in spans}
     answers, prefill, tokens, masks = [], [], {layer: [] for layer in layers}, []
     for start in tqdm(range(0, len(prompts), batch_size), desc="forward passes", disable=not progress):
         chunk = prompts[start:start + batch_size]
@@ -81,26 +117,34 @@ def prompt_states(model: nn.Module, tokenizer, prompts: list[str], prefixes: dic
         if keep_cache:
             prefill.append((batch, out.past_key_values))
         width = batch["input_ids"].shape[1]
-        rows = torch.arange(len(chunk))
         masks.append(batch["attention_mask"].bool())
         for layer in layers:
             tokens[layer].append(out.hidden_states[layer + 1])
-        for name, texts in prefixes.items():
-            positions = []
-            for prompt, prefix in zip(chunk, texts[start:start + batch_size]):
-                full, head = tokenizer.encode(prompt), tokenizer.encode(prefix)
-                if full[: len(head)] != head:
-                    raise ParameterError(f"key prefix {prefix!r} does not tokenise as a prefix of {prompt!r}")
-                positions.append(width - len(full) + len(head) - 1)
+        for name, pairs in spans.items():
+            pooled = torch.zeros(len(chunk), width, dtype=torch.bool)
+            for row, (prompt, (first, last)) in enumerate(zip(chunk, pairs[start:start + batch_size])):
+                full = tokenizer.encode(prompt)
+                end = _prefix_length(tokenizer, full, prompt, last)
+                begin = end - 1 if first is None else _prefix_length(tokenizer, full, prompt, first)
+                if begin >= end:
+                    raise ParameterError(f"the span from {first!r} to {last!r} of {prompt!r} holds no token")
+                # Left padding: the prompt's tokens are the last len(full) positions.
+                pooled[row, width - len(full) + begin:width - len(full) + end] = True
+            count = pooled.sum(dim=1)
+            counts[name].append(count)
             for layer in layers:
-                keys[name][layer].append(out.hidden_states[layer + 1][rows, torch.tensor(positions)])
+                hidden = out.hidden_states[layer + 1]
+                # where, not a product: a padded position's state may not be finite.
+                total = torch.where(pooled.to(hidden.device)[..., None], hidden, 0).sum(dim=1)
+                keys[name][layer].append(total / count.to(hidden.device, hidden.dtype)[:, None])
     longest = max(m.shape[1] for m in masks)
     left_pad = lambda t: nn.functional.pad(t, (0, 0, longest - t.shape[1], 0)) if t.dim() == 3 else \
         nn.functional.pad(t, (longest - t.shape[1], 0))
     return PromptStates({name: {layer: torch.cat(parts) for layer, parts in per_layer.items()}
                          for name, per_layer in keys.items()}, fv.concat_states(answers), prefill,
                         {layer: torch.cat([left_pad(t) for t in parts]) for layer, parts in tokens.items()},
-                        torch.cat([left_pad(m) for m in masks]))
+                        torch.cat([left_pad(m) for m in masks]),
+                        {name: torch.cat(counts[name]) for name in spans if name not in prefixes})
 
 
 class KeyProjector(nn.Module):
@@ -149,6 +193,8 @@ class BindingMemory:
     keys, projected and normalised once at write time (:meth:`project`), never on each read.
     :func:`write_memory` also records the block the keys were read at, the value kind and the
     model, which :meth:`save` writes to a memory file and :meth:`load` checks.
+    ``context_lengths`` counts the tokens each context state is the mean of (None: one token for
+    every entry, last-token states); the gate compares it with means over as many prompt tokens.
     """
 
     symbol_states: torch.Tensor
@@ -159,6 +205,7 @@ class BindingMemory:
     value_kind: str | None = None
     model: ModelInfo | None = None
     retrieval_keys: torch.Tensor | None = None
+    context_lengths: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.bindings)
@@ -183,15 +230,23 @@ class BindingMemory:
     def head(self, size: int) -> "BindingMemory":
         """The memory of the first ``size`` entries (chapter 2: capacity)."""
         keys = None if self.retrieval_keys is None else self.retrieval_keys[:size]
+        lengths = None if self.context_lengths is None else self.context_lengths[:size]
         return BindingMemory(self.symbol_states[:size], self.context_states[:size], self.values[:size],
-                             self.bindings[:size], self.layer, self.value_kind, self.model, keys)
+                             self.bindings[:size], self.layer, self.value_kind, self.model, keys, lengths)
+
+    def lengths_or_ones(self) -> torch.Tensor:
+        """Tokens pooled into each entry's context state, one where none are recorded (chapter 2: the gate)."""
+        return (torch.ones(len(self.context_states), dtype=torch.long) if self.context_lengths is None
+                else self.context_lengths)
 
     def followed_by(self, other: "BindingMemory") -> "BindingMemory":
         """This memory's entries, then ``other``'s, without retrieval keys: project the result once (chapter 2: capacity)."""
+        lengths = None if self.context_lengths is None and other.context_lengths is None else \
+            torch.cat([self.lengths_or_ones(), other.lengths_or_ones()])
         return BindingMemory(torch.cat([self.symbol_states, other.symbol_states]),
                              torch.cat([self.context_states, other.context_states]),
                              torch.cat([self.values, other.values]), self.bindings + other.bindings,
-                             self.layer, self.value_kind, self.model)
+                             self.layer, self.value_kind, self.model, context_lengths=lengths)
 
     @classmethod
     def empty(cls, width: int) -> "BindingMemory":
@@ -205,16 +260,22 @@ class BindingMemory:
         tensors = {"symbol_states": self.symbol_states, "context_states": self.context_states, "values": self.values}
         if self.retrieval_keys is not None:
             tensors["retrieval_keys"] = self.retrieval_keys
+        if self.context_lengths is not None:
+            tensors["context_lengths"] = self.context_lengths
         settings = {"bindings": [asdict(b) for b in self.bindings], "layer": self.layer, "value_kind": self.value_kind}
         return save_memory(path, MEMORY_KIND, tensors, settings, self.model)
 
     @classmethod
     def load(cls, path: Path | str, model: nn.Module) -> "BindingMemory":
-        """The memory saved by :meth:`save`, checked to belong to ``model`` (chapter 2)."""
+        """The memory saved by :meth:`save`, checked to belong to ``model`` (chapter 2).
+
+        A file written before context lengths were recorded holds last-token context states: None.
+        """
         return load_memory(path, MEMORY_KIND, model).rebuild(lambda stored: cls(
             stored.tensors["symbol_states"], stored.tensors["context_states"], stored.tensors["values"],
             [tasks.Binding(**b) for b in stored.settings["bindings"]], stored.settings["layer"],
-            stored.settings["value_kind"], model_info(model), stored.tensors.get("retrieval_keys")))
+            stored.settings["value_kind"], model_info(model), stored.tensors.get("retrieval_keys"),
+            stored.tensors.get("context_lengths")))
 
 
 def retrieve(queries: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor | None = None,
@@ -271,17 +332,26 @@ def memory_values(model: nn.Module, head_input: torch.Tensor, targets: torch.Ten
 @torch.no_grad()
 def write_memory(model: nn.Module, tokenizer, write: PromptStates, bindings: list[tasks.Binding], layer: int,
                  value_kind: str = "iterated", step: float = 4.0, n_steps: int = 5,
-                 projector: KeyProjector | None = None) -> BindingMemory:
+                 projector: KeyProjector | None = None, context_key: str = "whole") -> BindingMemory:
     """Write every binding from its write statement's states (chapter 2); no gradient, no weight change.
 
     It runs with autograd off: no gradient is taken, of the weights or of anything else.
 
-    With ``projector`` the retrieval keys are projected here, once.
+    With ``projector`` the retrieval keys are projected here, once. ``context_key`` is the
+    context state the gate looks for: "whole", the mean state over the whole context phrase
+    (``write.keys["context_whole"]``, from :func:`encode_bindings`), or "last_token", the state
+    at its last token, which contexts that end in the same word ("Alice's notes", "Bob's notes")
+    share almost exactly.
     """
+    if context_key not in CONTEXT_KEYS:
+        raise ParameterError(f"unknown context key {context_key!r}: use one of {CONTEXT_KEYS}")
+    name = "context_whole" if context_key == "whole" else "context"
+    if name not in write.keys:
+        raise ParameterError(f"the write states have no {name!r} key: encode them with encode_bindings")
     targets = torch.tensor(tasks.label_token_ids(tokenizer, [b.label for b in bindings]))
     values = memory_values(model, write.answer.head_input, targets, value_kind, step, n_steps)
-    memory = BindingMemory(write.keys["symbol"][layer], write.keys["context"][layer], values, list(bindings),
-                           layer, value_kind, model_info(model))
+    memory = BindingMemory(write.keys["symbol"][layer], write.keys[name][layer], values, list(bindings),
+                           layer, value_kind, model_info(model), context_lengths=write.lengths.get(name))
     return memory if projector is None else memory.project(projector)
 
 
@@ -290,7 +360,9 @@ def encode_bindings(model: nn.Module, tokenizer, bindings: list[tasks.Binding], 
                     kinds=("write", "read", "plain"), keep_cache: bool = True) -> dict[str, PromptStates]:
     """States of each binding's write statement, read question and contextless question (chapter 2).
 
-    ``templates`` is one :class:`tasks.Templates` for all bindings or one per binding.
+    ``templates`` is one :class:`tasks.Templates` for all bindings or one per binding. Keys:
+    "symbol" and "context" (last tokens of the word and of the context phrase), and
+    "context_whole", the mean over the context phrase (:func:`context_span`).
     """
     prompt_of = {"write": tasks.write_prompt, "read": tasks.read_prompt, "plain": tasks.plain_prompt}
     per_binding = templates if isinstance(templates, list) else [templates] * len(bindings)
@@ -299,7 +371,8 @@ def encode_bindings(model: nn.Module, tokenizer, bindings: list[tasks.Binding], 
         prompts = [prompt_of[kind](b, t) for b, t in zip(bindings, per_binding)]
         prefixes = {"symbol": [key_prefix(p, b.word) for p, b in zip(prompts, bindings)],
                     "context": [key_prefix(p, b.context) for p, b in zip(prompts, bindings)]}
-        states[kind] = prompt_states(model, tokenizer, prompts, prefixes, layers, keep_cache=keep_cache)
+        spans = {"context_whole": [context_span(p, b.context) for p, b in zip(prompts, bindings)]}
+        states[kind] = prompt_states(model, tokenizer, prompts, prefixes, layers, keep_cache=keep_cache, spans=spans)
     return states
 
 

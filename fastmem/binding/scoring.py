@@ -87,7 +87,7 @@ COPY_MODE = "knn_copy"
 
 
 COLUMNS = ("write", "read", "read_forced", "retrieval", "plain_any", "plain_changed", "unrelated_any",
-           "unrelated_changed", "write_token", "read_token")
+           "unrelated_changed", "write_token", "read_token", "plain_own", "unrelated_retrieved")
 
 
 def score_columns(model: nn.Module, tokenizer, memory: BindingMemory, mode: str, states: dict[str, PromptStates],
@@ -102,7 +102,10 @@ def score_columns(model: nn.Module, tokenizer, memory: BindingMemory, mode: str,
     ``plain_any``/``unrelated_any``: a contextless / unrelated question answers with ANY stored
     label; ``plain_changed``/``unrelated_changed``: its first word differs from the model's without
     memory (``reference``: the memory-free generations, keys "plain" and "unrelated").
-    ``write_token``/``read_token``: the first generated token is the label's token.
+    ``write_token``/``read_token``: the first generated token is the label's token (a label token
+    the model then continues into a longer word, " catched", counts here and not in ``read``).
+    ``plain_own``/``unrelated_retrieved``: seed 000's narrower counting, a contextless question
+    answers with one of its word's own labels / an unrelated question with the retrieved entry's label.
     The oracle ``context_gate`` is told the context each prompt names: the binding's for write and
     read, none for plain and unrelated questions. Mode :data:`COPY_MODE` is the kNN-LM-style
     baseline: ``both_top1`` retrieval, and the retrieved entry's label token is copied as the
@@ -132,6 +135,14 @@ def score_columns(model: nn.Module, tokenizer, memory: BindingMemory, mode: str,
         else:
             scores[f"{column}_any"] = contains_any(texts, [stored_labels] * len(texts))
             scores[f"{column}_changed"] = changed(texts, reference[column])
+        if column == "plain":
+            own = {}
+            for b in memory.bindings:
+                own.setdefault(b.word, set()).add(b.label)
+            scores["plain_own"] = contains_any(texts, [own.get(b.word, set()) for b in bindings])
+        if column == "unrelated":
+            retrieved = [{memory.bindings[i].label} if i >= 0 else set() for i in index.tolist()]
+            scores["unrelated_retrieved"] = contains_any(texts, retrieved)
         if column == "read":
             scores["read_forced"] = (torch.tensor([float(memory.bindings[i].label == l) for i, l in zip(index.tolist(), labels)])
                                      if copy else forced_choice(model, tokenizer, head_input, labels, choices))
@@ -191,6 +202,19 @@ def paired_rows(scores: pd.DataFrame, experiment: str, column: str, rows: list[s
     if missing:
         raise KeyError(f"rows not scored in {experiment!r}, {column!r}: {missing}")
     return wide.dropna(subset=rows)
+
+
+def paired_comparisons(scores: pd.DataFrame, comparisons: dict[str, tuple[str, str, str, float]], column: str = "read",
+                       n_boot: int = 2000) -> dict[str, stats.PairedDifference]:
+    """Each named comparison ``(experiment, first row, second row, weight)``: the per-prompt difference
+    second minus weight x first on the same prompts, items resampled with the seeds fixed, and the
+    exact paired test (chapter 2)."""
+    compared = {}
+    for name, (experiment, first, second, weight) in comparisons.items():
+        paired = paired_rows(scores, experiment, column, [first, second])
+        compared[name] = stats.paired_difference(weight * paired[first], paired[second], paired["seed"],
+                                                 paired["item"], n_boot, fixed_clusters=True)
+    return compared
 
 
 def paired_cosine(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,9 @@
 thresholds, all fitted on held-out training words (chapter 2).
 
 The selective memory (mode ``gated``) injects only when the prompt carries a stored context (some
-token's centred hidden state is close to a stored context state) and a stored word (the projected
-word key is close to a stored key); the word is then retrieved among the inferred context's entries.
+run of the prompt's tokens, as long as the stored context phrase, has a centred mean hidden state
+close to the stored context state) and a stored word (the projected word key is close to a stored
+key); the word is then retrieved among the inferred context's entries.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ class ContextGate:
     """When the selective memory may inject, fitted on held-out training words (chapter 2).
 
     ``centre`` is the mean hidden state of training prompts' tokens; a stored context is present
-    when some token of the prompt, centred, has cosine at least ``context_threshold`` with a
-    stored (centred) context state; a stored word is present when the projected word key has
-    cosine at least ``word_threshold`` with a retrieval key of the inferred context.
+    when some window of the prompt's tokens (as many as the entry's context state pools), its mean
+    centred, has cosine at least ``context_threshold`` with a stored (centred) context state; a
+    stored word is present when the projected word key has cosine at least ``word_threshold`` with
+    a retrieval key of the inferred context.
     """
 
     centre: torch.Tensor
@@ -42,23 +44,62 @@ class ContextGate:
 
 
 def context_presence(query: PromptStates, memory: BindingMemory, layer: int, centre: torch.Tensor) -> torch.Tensor:
-    """For every prompt and stored entry, the best cosine of any prompt token with the entry's context state (chapter 2).
+    """For every prompt and stored entry, the best cosine of any window of prompt tokens with the entry's
+    context state (chapter 2).
 
     Found from the forward pass alone: no context string of the prompt is used.
     """
-    return presence_scores(query.tokens[layer], query.token_mask, memory.context_states, centre)
+    return presence_scores(query.tokens[layer], query.token_mask, memory.context_states, centre,
+                           memory.context_lengths)
 
 
 def presence_scores(tokens: torch.Tensor, token_mask: torch.Tensor, context_states: torch.Tensor,
-                    centre: torch.Tensor) -> torch.Tensor:
-    """``(prompts, entries)``: the best cosine of any real token (``token_mask``) of each prompt's
-    centred states ``tokens`` (prompts x positions x width) with each stored centred context
-    state: :func:`context_presence` on bare tensors, as a served memory sees them (chapters 2, 5).
+                    centre: torch.Tensor, context_lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """``(prompts, entries)``: :func:`context_presence` on bare tensors, as a served memory sees them (chapters 2, 5).
+
+    An entry whose context state is the mean of L tokens (``context_lengths``; None: 1 for every
+    entry) is compared with the means of every L consecutive real tokens (``token_mask``) of each
+    prompt's states ``tokens`` (prompts x positions x width): the best cosine of a centred window
+    mean with the centred stored state; ``-inf`` where no window of L real tokens fits. A prompt's
+    first token is never part of a window (:func:`after_first_token`).
     """
-    tokens = nn.functional.normalize(tokens - centre, dim=-1)
-    stored = nn.functional.normalize(context_states - centre, dim=-1)
-    similarity = torch.einsum("ptd,ed->pte", tokens, stored)
-    return similarity.masked_fill(~token_mask[:, :, None], -torch.inf).max(dim=1).values
+    token_mask = after_first_token(token_mask)
+    if context_lengths is None:
+        return _best_cosine(tokens, token_mask, context_states, centre)
+    dtype = torch.promote_types(tokens.dtype, centre.dtype)
+    scores = torch.full((len(tokens), len(context_states)), -torch.inf, dtype=dtype, device=tokens.device)
+    for length in context_lengths.unique().tolist():
+        entries = (context_lengths == length).nonzero().squeeze(1).to(tokens.device)
+        if length > tokens.shape[1]:
+            continue  # no window that long: the entry stays at -inf
+        windows, fits = (tokens, token_mask) if length == 1 else _window_means(tokens, token_mask, length)
+        scores[:, entries] = _best_cosine(windows, fits, context_states[entries.to(context_states.device)], centre)
+    return scores
+
+
+def _best_cosine(candidates: torch.Tensor, usable: torch.Tensor, stored: torch.Tensor, centre: torch.Tensor
+                ) -> torch.Tensor:
+    """``(prompts, entries)``: the best cosine of any usable centred candidate state (prompts x
+    candidates x width) with each centred stored state (chapter 2: the gate)."""
+    candidates = nn.functional.normalize(candidates - centre, dim=-1)
+    stored = nn.functional.normalize(stored - centre, dim=-1)
+    similarity = torch.einsum("ptd,ed->pte", candidates, stored)
+    return similarity.masked_fill(~usable[:, :, None], -torch.inf).max(dim=1).values
+
+
+def _window_means(tokens: torch.Tensor, token_mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean state of every ``length`` consecutive positions (prompts x windows x width) and
+    whether each window lies entirely on real tokens (chapter 2: the gate).
+
+    One cumulative sum gives every window; it runs in float64 because a few tokens' states are
+    orders of magnitude larger than the rest, and a float32 running sum would lose the small ones.
+    Padded positions are zeroed first: their states may not be finite and would spread along the sum.
+    """
+    real = token_mask[..., None]
+    summed = nn.functional.pad(torch.where(real, tokens, 0).double().cumsum(dim=1), (0, 0, 1, 0))
+    counts = nn.functional.pad(token_mask.long().cumsum(dim=1), (1, 0))
+    means = ((summed[:, length:] - summed[:, :-length]) / length).to(tokens.dtype)
+    return means, counts[:, length:] - counts[:, :-length] == length
 
 
 def gate_scores(memory: BindingMemory, query: PromptStates, layer: int, projector: KeyProjector,
@@ -82,7 +123,8 @@ def gate_scores_of(memory: BindingMemory, tokens: torch.Tensor, token_mask: torc
     keys, one per prompt where the word's position is known, every token otherwise (``word_mask``
     marks the usable ones): the best-matching candidate is the word key (:func:`retrieve_among`).
     """
-    context_score, best_entry = presence_scores(tokens, token_mask, memory.context_states, centre).max(dim=-1)
+    context_score, best_entry = presence_scores(tokens, token_mask, memory.context_states, centre,
+                                                memory.context_lengths).max(dim=-1)
     contexts = memory.context_ids()
     allowed = contexts[None, :] == contexts[best_entry][:, None]
     index, word_score = retrieve_among(word_keys, memory.learned_keys(), allowed, word_mask, keys_normalised)
@@ -173,9 +215,24 @@ def fit_grace_threshold(memory: BindingMemory, read: PromptStates, plain: Prompt
     return separating_threshold(read_scores[right], negatives)
 
 
+def after_first_token(token_mask: torch.Tensor) -> torch.Tensor:
+    """``token_mask`` (prompts x positions, left-padded) without each prompt's first real token (chapter 2: the gate).
+
+    The first token's state is a different object: in SmolLM2-135M at block 20 its norm is about
+    20,000 against about 230 for the others. Averaged in, it alone sets the gate's centre, every
+    centred state then points the same way and every presence cosine lands near 0.998; compared
+    as a candidate, it matches nothing stored. The gate leaves it out of both.
+    """
+    first = token_mask.long().argmax(dim=1)
+    kept = token_mask.clone()
+    kept[torch.arange(len(kept), device=kept.device), first] = False
+    return kept
+
+
 def token_centre(states: list[PromptStates], layer: int) -> torch.Tensor:
-    """Mean hidden state over the real tokens of training prompts: the gate's centre (chapter 2)."""
-    return torch.cat([s.tokens[layer][s.token_mask] for s in states]).mean(dim=0)
+    """Mean hidden state over the real tokens of training prompts, each prompt's first token left
+    out (:func:`after_first_token`): the gate's centre (chapter 2)."""
+    return torch.cat([s.tokens[layer][after_first_token(s.token_mask)] for s in states]).mean(dim=0)
 
 
 @torch.no_grad()
@@ -248,20 +305,22 @@ class SeedFit:
 def fit_seed(model: nn.Module, tokenizer, train: tuple[list[tasks.Binding], list[tasks.Templates]],
              calibration: tuple[list[tasks.Binding], list[tasks.Templates]], unrelated_fit: PromptStates,
              layer: int, key_dim: int = 128, projector_steps: int = 300, value_kind: str = "iterated",
-             step: float = 4.0, n_steps: int = 5, seed: int = 0) -> SeedFit:
+             step: float = 4.0, n_steps: int = 5, seed: int = 0, context_key: str = "whole") -> SeedFit:
     """Train the key projector on training words, then fit every threshold on calibration words (chapter 2).
 
     ``train`` and ``calibration`` are (bindings, templates); ``unrelated_fit`` holds the
     calibration unrelated questions. The gate's centre is the mean token state of the training
     prompts; the gate, the learned-key threshold and GRACE's initial radius all use
-    :func:`separating_threshold` on calibration read, plain and unrelated questions.
+    :func:`separating_threshold` on calibration read, plain and unrelated questions. The
+    calibration memory stores ``context_key``'s context states (:func:`write_memory`), so the
+    gate's context threshold holds for memories written with the same key.
     """
     train_states = encode_bindings(model, tokenizer, train[0], [layer], train[1], ("write", "read"), keep_cache=False)
     projector = train_projector(train_states["read"].keys["symbol"][layer], train_states["write"].keys["symbol"][layer],
                                 key_dim, projector_steps, seed=seed)
     states = encode_bindings(model, tokenizer, calibration[0], [layer], calibration[1], keep_cache=False)
     memory = write_memory(model, tokenizer, states["write"], calibration[0], layer, value_kind, step, n_steps,
-                          projector)
+                          projector, context_key)
     centre = token_centre([train_states["write"], train_states["read"]], layer)
     gate = fit_gate(memory, states["read"], states["plain"], unrelated_fit, layer, projector, centre)
     threshold = calibrate_threshold(projector, memory, states["read"], states["plain"], unrelated_fit, layer)

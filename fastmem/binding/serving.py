@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import ParameterError
 from ..models import transformer_blocks
 from ..serving import HookedMemory
-from .memory import BindingMemory, KeyProjector, retrieve_among
+from .memory import BindingMemory, KeyProjector, PromptStates, retrieve_among
 from .selection import ContextGate, gate_scores_of
 
 
@@ -78,6 +78,13 @@ class ServedBinding(HookedMemory):
             miss = ~torch.isfinite(word_score) | self.gate.closed(context_score, word_score)
         values = self.memory.values[index].masked_fill(miss[:, None], 0.0)
         return values, index.masked_fill(miss, -1)
+
+    @torch.no_grad()
+    def opens(self, states: PromptStates) -> torch.Tensor:
+        """1.0 for each prompt of ``states`` on which the memory would inject a value, from the block's
+        states its read hook would see (chapter 2: false openings on unrelated text)."""
+        _, index = self.values_for(states.tokens[self.layer], states.token_mask)
+        return (index >= 0).float()
 
     def _read(self, module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
