@@ -15,6 +15,7 @@ from .errors import ParameterError
 
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 _WORD = re.compile(r"[a-z0-9]+")
+_WORD_ENDED = re.compile(r"[a-z0-9]+[^a-z0-9]")
 _LOCOMO_STOPWORDS = re.compile(r"\b(a|an|the|and)\b")
 _STEMMER = PorterStemmer()
 
@@ -27,6 +28,12 @@ def first_word(text: str) -> str:
     """
     words = _WORD.findall(text.lower())
     return words[0] if words else ""
+
+
+def first_word_complete(text: str) -> bool:
+    """True once ``text`` holds its whole first word, ended by a character that is not part of it,
+    so that no continuation can change :func:`first_word` (chapter 2: generation stops there)."""
+    return _WORD_ENDED.search(text.lower()) is not None
 
 
 def normalise_answer(text: str) -> list[str]:

@@ -58,7 +58,9 @@ def test_memory_served_in_the_forward_pass_matches_the_cached_path(smollm2, writ
         key_position = len(tokenizer.encode(fb.key_prefix(prompt, bindings[row].word))) - 1
         with fb.attached(model, memory, None, LAYER, key_position):
             out = model.generate(**batch, max_new_tokens=3, do_sample=False)
-        assert tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True) == cached[row]
+        served = tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        # the cached path stops once the first word is whole: the same text, up to there
+        assert served.startswith(cached[row]) and first_word(served) == first_word(cached[row])
 
 
 def test_written_value_recalls_its_own_statement(smollm2, written):
@@ -739,7 +741,9 @@ def test_served_opens_counts_the_prompts_its_hooks_inject_into(smollm2, written,
     prompts = ([tasks.read_prompt(b) for b in bindings] + [tasks.plain_prompt(b) for b in bindings[:2]]
                + list(tasks.Templates().unrelated[20:24]))
     served = fb.ServedBinding(model, memory, LAYER, projector, gate=gate, key_position=None)
-    opened = served.opens(fb.prompt_states(model, tokenizer, prompts, {}, [LAYER]))
+    reading = served.opens(fb.prompt_states(model, tokenizer, prompts, {}, [LAYER]))
+    opened = reading.opened
+    assert torch.equal(opened, reading.context * reading.word)
     injected = []
     for prompt in prompts:
         batch, _, _ = _prompt_batch(model, tokenizer, prompt)
@@ -784,3 +788,21 @@ def test_seed_table_quotes_the_seed_beside_ours():
     seed_row = table.iloc[0]
     assert seed_row["row"] == "both_top1: seed 000" and seed_row["Read"] == "0.805" and seed_row["Plain"] == "0.008"
     assert table.iloc[1]["Read"] == "0.500 [0.400, 0.600]"
+
+
+@torch.no_grad()
+def test_generation_stops_once_every_first_word_is_whole_and_scores_the_same(smollm2, written, monkeypatch):
+    """Stopping a batch when every continuation holds a whole first word changes no first word."""
+    from fastmem.binding import scoring
+    from fastmem.evaluation import first_word, first_word_complete
+
+    model, tokenizer, _ = smollm2
+    _, states, memory, _ = written
+    assert first_word_complete(" cat\n") and first_word_complete("\n Red.") and not first_word_complete(" cat")
+    assert not first_word_complete("\n\n")
+    values = fb.select_values(memory, "raw_both_top1", states["read"], LAYER)[0]
+    stopped = fb.generate(model, tokenizer, states["read"], values, 5)
+    monkeypatch.setattr(scoring, "first_word_complete", lambda text: False)
+    full = fb.generate(model, tokenizer, states["read"], values, 5)
+    assert [first_word(t) for t in stopped] == [first_word(t) for t in full]
+    assert all(f.startswith(s) for s, f in zip(stopped, full))

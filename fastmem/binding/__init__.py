@@ -27,7 +27,7 @@ from .scoring import (generate, exact_match, contains_any, changed, forced_choic
                       score_records, rate_intervals, paired_rows, paired_comparisons, paired_cosine, in_context_scores,
                       in_context_prompts)
 from .capacity import write_pool, Pool, CAPACITY_MODES, capacity_records
-from .serving import ServedBinding, attached
+from .serving import ServedBinding, GateReading, attached
 from .replication import (SEED_MODES, SEED_VALUES, SEED_CONTEXTS, SEED_SAME_CONTEXT, SEED_TRANSFER, NO_MEMORY,
                           seed_row, seed_projector, SeedTaskRun, seed_task_run, tradeoff_outcomes, TradeoffPoint,
                           tradeoff_curve, pareto_front, seed_reading, tradeoff_figure, seed_table, transfer_table)
@@ -41,5 +41,5 @@ __all__ = ["MEMORY_KIND", "CONTEXT_KEYS", "PromptStates", "key_prefix", "context
            "fit_seed", "calibrate_threshold", "generate", "exact_match", "contains_any", "changed", "forced_choice",
            "COPY_MODE", "COLUMNS", "score_columns", "score_records", "rate_intervals", "paired_rows", "paired_cosine",
            "in_context_scores", "in_context_prompts", "write_pool", "Pool", "CAPACITY_MODES", "capacity_records",
-           "ServedBinding", "attached", "busy_pause", "slowed", "measure_overhead", "retrieval_flops",
+           "ServedBinding", "GateReading", "attached", "busy_pause", "slowed", "measure_overhead", "retrieval_flops",
            "forward_flops_per_token"]

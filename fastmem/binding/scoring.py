@@ -13,7 +13,7 @@ from torch import nn
 from .. import stats, tasks
 from .. import value as fv
 from ..errors import ParameterError
-from ..evaluation import first_word
+from ..evaluation import first_word, first_word_complete
 from .memory import BindingMemory, KeyProjector, PromptStates, prompt_states
 from .selection import Codebook, ContextGate, select_values
 
@@ -26,7 +26,9 @@ def generate(model: nn.Module, tokenizer, states: PromptStates, injections: torc
     ``injections[i]`` is added to the head input at prompt i's answer position, the forward pass
     that produces the first generated token; later tokens are generated plainly. Without
     injections this is plain greedy decoding (chapter 2). Where ``forced_first[i] >= 0`` it is
-    prompt i's first token instead (the kNN-LM-style copy baseline).
+    prompt i's first token instead (the kNN-LM-style copy baseline). The chapter scores only the
+    first word, so a batch stops once every continuation holds a whole first word (a word and
+    what ends it): no later token can change it, and the rest of the budget would cost passes.
     """
     if not states.prefill:
         raise ParameterError("generate needs prompt states computed with keep_cache=True")
@@ -43,11 +45,14 @@ def generate(model: nn.Module, tokenizer, states: PromptStates, injections: torc
         tokens = [first_tokens[start:start + rows]]
         mask, positions = batch["attention_mask"], batch["position_ids"][:, -1:]
         for _ in range(max_new_tokens - 1):
+            finished = torch.stack(tokens).eq(tokenizer.eos_token_id).any(dim=0)
+            so_far = tokenizer.batch_decode(torch.stack(tokens, dim=1), skip_special_tokens=True)
+            if all(done or first_word_complete(text) for done, text in zip(finished.tolist(), so_far)):
+                break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = positions + 1
             out = model(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=positions,
                         past_key_values=past, use_cache=True)
-            finished = torch.stack(tokens).eq(tokenizer.eos_token_id).any(dim=0)
             tokens.append(out.logits[:, -1].argmax(dim=-1).masked_fill(finished, tokenizer.eos_token_id))
         added = past.get_seq_length() - prompt_length
         if added:

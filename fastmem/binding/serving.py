@@ -12,6 +12,7 @@ carries a stored context and the word key is close enough to a stored key of tha
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,6 +22,17 @@ from ..models import transformer_blocks
 from ..serving import HookedMemory
 from .memory import BindingMemory, KeyProjector, PromptStates, retrieve_among
 from .selection import ContextGate, gate_scores_of
+
+
+@dataclass
+class GateReading:
+    """For each prompt, 1.0 where the gate finds a stored context, a stored word of it, and where it
+    opens (both), with the entry they point to (chapter 2: why a served memory opens)."""
+
+    context: torch.Tensor
+    word: torch.Tensor
+    opened: torch.Tensor
+    entry: torch.Tensor
 
 
 class ServedBinding(HookedMemory):
@@ -64,6 +76,17 @@ class ServedBinding(HookedMemory):
     def values_for(self, hidden: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The value each prompt receives and the entry chosen (-1: nothing), from the block's
         states ``hidden`` (prompts x positions x width) and which positions are real tokens (chapters 2, 5)."""
+        context_score, word_score, index = self.scores(hidden, real)
+        miss = ~torch.isfinite(word_score)
+        if self.gate is not None:
+            miss = miss | self.gate.closed(context_score, word_score)
+        values = self.memory.values[index].masked_fill(miss[:, None], 0.0)
+        return values, index.masked_fill(miss, -1)
+
+    @torch.no_grad()
+    def scores(self, hidden: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Per prompt: the context score (None without a gate), the word score and the entry they
+        point to, before the gate's thresholds are applied (chapters 2, 5: why the memory opens)."""
         if self.key_position is None:
             candidates, candidate_real = hidden, real
         else:
@@ -71,20 +94,22 @@ class ServedBinding(HookedMemory):
         queries = candidates if self.projector is None else self.projector(candidates)
         if self.gate is None:
             index, word_score = retrieve_among(queries, self.keys, None, candidate_real, keys_normalised=True)
-            miss = ~torch.isfinite(word_score)
-        else:
-            context_score, word_score, index = gate_scores_of(self.memory, hidden, real, queries, self.gate.centre,
-                                                              candidate_real, keys_normalised=True)
-            miss = ~torch.isfinite(word_score) | self.gate.closed(context_score, word_score)
-        values = self.memory.values[index].masked_fill(miss[:, None], 0.0)
-        return values, index.masked_fill(miss, -1)
+            return None, word_score, index
+        return gate_scores_of(self.memory, hidden, real, queries, self.gate.centre, candidate_real,
+                              keys_normalised=True)
 
     @torch.no_grad()
-    def opens(self, states: PromptStates) -> torch.Tensor:
-        """1.0 for each prompt of ``states`` on which the memory would inject a value, from the block's
+    def opens(self, states: PromptStates) -> GateReading:
+        """Why the memory would or would not inject into each prompt of ``states``, from the block's
         states its read hook would see (chapter 2: false openings on unrelated text)."""
-        _, index = self.values_for(states.tokens[self.layer], states.token_mask)
-        return (index >= 0).float()
+        hidden, real = states.tokens[self.layer], states.token_mask
+        context_score, word_score, index = self.scores(hidden, real)
+        _, chosen = self.values_for(hidden, real)
+        context = (torch.ones_like(word_score, dtype=torch.bool) if self.gate is None
+                   else context_score >= self.gate.context_threshold)
+        word = torch.isfinite(word_score) & (word_score >= (-torch.inf if self.gate is None
+                                                            else self.gate.word_threshold))
+        return GateReading(context.float(), word.float(), (chosen >= 0).float(), index)
 
     def _read(self, module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
