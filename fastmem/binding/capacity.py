@@ -14,7 +14,7 @@ from .. import tasks
 from .. import value as fv
 from ..errors import ParameterError
 from ..models import model_info
-from .memory import CONTEXT_KEYS, BindingMemory, KeyProjector, PromptStates, context_span, key_prefix, memory_values
+from .memory import BindingMemory, KeyProjector, PromptStates, check_context_key, context_span, key_prefix, memory_values
 from .selection import ContextGate, select_values
 from .scoring import exact_match, generate
 
@@ -37,8 +37,7 @@ def write_pool(model: nn.Module, tokenizer, bindings: list[tasks.Binding],
     """
     if model.config.is_encoder_decoder:
         raise ParameterError("write_pool serves decoder-only models; use encode_bindings and write_memory")
-    if context_key not in CONTEXT_KEYS:
-        raise ParameterError(f"unknown context key {context_key!r}: use one of {CONTEXT_KEYS}")
+    check_context_key(context_key)
     groups: dict[tuple, list[int]] = {}
     word_offsets, context_spans = [], {}
     for i, (binding, template) in enumerate(zip(bindings, templates)):

@@ -28,6 +28,12 @@ MEMORY_KIND = "binding"
 CONTEXT_KEYS = ("whole", "last_token")
 
 
+def check_context_key(context_key: str) -> None:
+    """Refuse a context key that is not one of :data:`CONTEXT_KEYS` (chapter 2)."""
+    if context_key not in CONTEXT_KEYS:
+        raise ParameterError(f"unknown context key {context_key!r}: use one of {CONTEXT_KEYS}")
+
+
 @dataclass
 class PromptStates:
     """Hidden states at key tokens (``keys[name][block]``, one row per prompt) and answer states (chapter 2).
@@ -120,10 +126,10 @@ def prompt_states(model: nn.Module, tokenizer, prompts: list[str], prefixes: dic
         masks.append(batch["attention_mask"].bool())
         for layer in layers:
             tokens[layer].append(out.hidden_states[layer + 1])
+        encoded = [tokenizer.encode(prompt) for prompt in chunk]
         for name, pairs in spans.items():
             pooled = torch.zeros(len(chunk), width, dtype=torch.bool)
-            for row, (prompt, (first, last)) in enumerate(zip(chunk, pairs[start:start + batch_size])):
-                full = tokenizer.encode(prompt)
+            for row, (prompt, full, (first, last)) in enumerate(zip(chunk, encoded, pairs[start:start + batch_size])):
                 end = _prefix_length(tokenizer, full, prompt, last)
                 begin = end - 1 if first is None else _prefix_length(tokenizer, full, prompt, first)
                 if begin >= end:
@@ -343,8 +349,7 @@ def write_memory(model: nn.Module, tokenizer, write: PromptStates, bindings: lis
     at its last token, which contexts that end in the same word ("Alice's notes", "Bob's notes")
     share almost exactly.
     """
-    if context_key not in CONTEXT_KEYS:
-        raise ParameterError(f"unknown context key {context_key!r}: use one of {CONTEXT_KEYS}")
+    check_context_key(context_key)
     name = "context_whole" if context_key == "whole" else "context"
     if name not in write.keys:
         raise ParameterError(f"the write states have no {name!r} key: encode them with encode_bindings")

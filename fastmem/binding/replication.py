@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import tasks
+from ..report import estimate_text, number_text
 from .memory import BindingMemory, KeyProjector, PromptStates, encode_bindings, retrieve, train_projector, write_memory
 from .scoring import contains_any, exact_match, generate, score_columns, score_records
 
@@ -109,20 +110,23 @@ def tradeoff_outcomes(model: nn.Module, tokenizer, run: SeedTaskRun, projector: 
     answer: every threshold's Read and Plain any follow from these rows (:func:`tradeoff_curve`)
     without generating again. Read questions score the label; plain questions any stored label.
     """
+    # Every memory of the run stores the same bindings, so the hits and the memory-free answers are shared.
+    stored = [{b.label for b in run.bindings}] * len(run.bindings)
+    hits = {"read": lambda texts: exact_match(texts, [b.label for b in run.bindings]),
+            "plain": lambda texts: contains_any(texts, stored)}
+    without = {column: hit(generate(model, tokenizer, run.states[column], None, max_new_tokens))
+               for column, hit in hits.items()}
     rows = []
     for kind, memory in run.memories.items():
-        stored = [{b.label for b in memory.bindings}] * len(run.bindings)
-        for column in ("read", "plain"):
+        for column, hit in hits.items():
             states = run.states[column]
             index, cosine = retrieve(projector(states.keys["symbol"][layer]), memory.learned_keys())
-            hit = (lambda texts: exact_match(texts, [b.label for b in run.bindings])) if column == "read" else \
-                (lambda texts: contains_any(texts, stored))
-            without = hit(generate(model, tokenizer, states, None, max_new_tokens))
             for alpha in alphas:
                 with_memory = hit(generate(model, tokenizer, states, alpha * memory.values[index], max_new_tokens))
                 rows += [{"seed": seed, "value": kind, "alpha": alpha, "column": column, "unit": i,
                           "cosine": c, "with_memory": w, "without": o}
-                         for i, (c, w, o) in enumerate(zip(cosine.tolist(), with_memory.tolist(), without.tolist()))]
+                         for i, (c, w, o) in enumerate(zip(cosine.tolist(), with_memory.tolist(),
+                                                           without[column].tolist()))]
     return pd.DataFrame(rows)
 
 
@@ -216,8 +220,6 @@ def seed_table(summary: dict, experiment: str, modes=SEED_MODES) -> pd.DataFrame
     """Seed 000's first table with ours beside it: per mode, the seed's published row, then ours with
     each value kind, every rate with its 95% interval (chapter 2). ``summary`` is
     :func:`~fastmem.binding.scoring.rate_intervals` of the replication's records."""
-    from ..report import estimate_text, number_text
-
     rows = []
     for mode in modes:
         rows.append({"row": f"{mode}: seed 000", **{title: number_text(number) for title, number
@@ -232,8 +234,6 @@ def seed_table(summary: dict, experiment: str, modes=SEED_MODES) -> pd.DataFrame
 def transfer_table(summary: dict, modes=("both_top1", "context_gate")) -> pd.DataFrame:
     """Seed 000's context-generalisation table with ours beside it: Read and Plain (its counting) per
     experiment and mode, the seed's published numbers first (chapter 2)."""
-    from ..report import estimate_text, number_text
-
     rows = []
     for experiment in SEED_CONTEXTS:
         for mode in modes:

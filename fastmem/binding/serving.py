@@ -77,11 +77,16 @@ class ServedBinding(HookedMemory):
         """The value each prompt receives and the entry chosen (-1: nothing), from the block's
         states ``hidden`` (prompts x positions x width) and which positions are real tokens (chapters 2, 5)."""
         context_score, word_score, index = self.scores(hidden, real)
+        miss = self._missed(context_score, word_score)
+        values = self.memory.values[index].masked_fill(miss[:, None], 0.0)
+        return values, index.masked_fill(miss, -1)
+
+    def _missed(self, context_score: torch.Tensor | None, word_score: torch.Tensor) -> torch.Tensor:
+        """Prompts that get nothing: no usable word key, or, with a gate, the gate shut (chapters 2, 5)."""
         miss = ~torch.isfinite(word_score)
         if self.gate is not None:
             miss = miss | self.gate.closed(context_score, word_score)
-        values = self.memory.values[index].masked_fill(miss[:, None], 0.0)
-        return values, index.masked_fill(miss, -1)
+        return miss
 
     @torch.no_grad()
     def scores(self, hidden: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
@@ -104,12 +109,12 @@ class ServedBinding(HookedMemory):
         states its read hook would see (chapter 2: false openings on unrelated text)."""
         hidden, real = states.tokens[self.layer], states.token_mask
         context_score, word_score, index = self.scores(hidden, real)
-        _, chosen = self.values_for(hidden, real)
+        opened = ~self._missed(context_score, word_score)
         context = (torch.ones_like(word_score, dtype=torch.bool) if self.gate is None
                    else context_score >= self.gate.context_threshold)
         word = torch.isfinite(word_score) & (word_score >= (-torch.inf if self.gate is None
                                                             else self.gate.word_threshold))
-        return GateReading(context.float(), word.float(), (chosen >= 0).float(), index)
+        return GateReading(context.float(), word.float(), opened.float(), index)
 
     def _read(self, module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
